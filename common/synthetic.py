@@ -85,7 +85,8 @@ def natural_images(n: int, size: int, channels: int = 1, seed: int = 0) -> torch
         for _ in range(rng.integers(1, 4)):
             cy, cx = rng.uniform(0, size, 2)
             r = rng.uniform(0.08, 0.3) * size
-            x[i, :, (yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 1, (channels, 1))
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            x[i][:, disc] = rng.uniform(0, 1, (channels, 1))
     return torch.from_numpy(x.astype(np.float32))
 
 
