@@ -190,3 +190,18 @@ def test_simulated_population_shapes_and_determinism():
         assert torch.equal(synthetic.SimulatedPopulation(7, 16, channels=3, kind=kind, seed=4).rates(imgs), r)
     with pytest.raises(ValueError):
         pop.rates(torch.rand(2, 1, 8, 8))
+
+
+def test_line_plot_writes_a_png_with_the_curves(tmp_path):
+    from PIL import Image
+
+    from common import plots
+
+    path = plots.line_plot(tmp_path / "figs" / "c.png",
+                           [{"label": "val", "x": [0, 1, 2], "y": [0.1, 0.5, 0.7], "lo": [0, 0.4, 0.6], "hi": [0.2, 0.6, 0.8]},
+                            {"label": "train", "x": [0, 1, 2], "y": [0.2, 0.3, 0.4]}],
+                           title="t", ylabel="corr", hlines=[(0.9, "ceiling")])
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (440, 720, 3)
+    blue = (np.abs(img.astype(int) - [31, 119, 180]).sum(-1) < 30).sum()
+    assert blue > 100  # the first curve was drawn
