@@ -175,11 +175,41 @@ class Progress:
         print(" | ".join(parts), flush=True)
 
 
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's peak counter, or on Linux the process's RSS high-water mark
+    (writing 5 to /proc/self/clear_refs), so consecutive measurements in one run are independent."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA max_memory_allocated, else the resident-set high-water mark."""
+    """Peak memory since the last `reset_peak_memory`: CUDA max_memory_allocated, else the process's peak
+    resident set (VmHWM; ru_maxrss — the whole run's peak — where /proc is unavailable)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    hwm = _vm_hwm_mb()
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def synchronize(device: torch.device) -> None:
