@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=["float32", "float64"], default="float32", help="parameter/compute precision")
     a("--amp", action="store_true", help="bf16 autocast on CUDA (off by default: the models are tiny and "
       "latency-bound, and 35k epochs of Poisson fits are sensitive to precision)")
-    a("--threads", type=int, default=1, help="CPU intra-op threads (1: the ops are tiny, and more threads only "
-      "wait for each other, badly so on a shared machine; use --jobs / several seeds for parallelism)")
+    a("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default, all cores; a sweep gives "
+      "each of its --jobs children cores // jobs). Use 1 on a machine shared with other jobs: the ops are small "
+      "and oversubscribed threads mostly wait for each other")
     a("--compile", action="store_true", help="torch.compile the model forward")
     a("--log_every", type=int, default=None, help="progress line every N epochs (default: eval_every)")
     a("--resume", action="store_true", help="continue the run in the run folder from last.pt")
@@ -474,6 +475,7 @@ def mode_sweep(args, device, dtype):
                                              "data_seed", "synthetic_kind", "log_every", "threads")
                if getattr(args, k) not in (None, 0)}
     forward["dtype"] = args.dtype
+    forward.setdefault("threads", max(1, (os.cpu_count() or 1) // max(1, args.jobs)))  # no oversubscription
     flags = [f for f in ("resume", "overwrite", "zscore_val_own_stats", "dog_sigma_bug", "dog_uy_init_bug",
                          "convdog_bounds_bug", "shared_order") if getattr(args, f)]
     logs = root / "job_logs"
