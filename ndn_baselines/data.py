@@ -273,9 +273,10 @@ def synthetic_region(kind: str, n_neurons: int, n_train: int, n_val: int, reps: 
     """Images (float64 in 0..0.000255), single-trial training responses, validation repeats and the true
     validation rates for one synthetic region.
 
-    kind 'hsm': a random HSM teacher (`hsm_teacher`) on z-scored images, Poisson noise (default: an HSM can fit
-    it, an LN model cannot fully). kind 'v1'/'deep': common.synthetic.SimulatedPopulation (Gabor simple/complex
-    cells, or pooled nonlinear features).
+    kind 'v1' (the default) / 'deep': common.synthetic.SimulatedPopulation (Gabor simple and complex cells, or
+    pooled nonlinear features), Poisson noise: a ground truth outside the HSM's model class, which the HSM fits
+    far better than an LN model (complex cells are invisible to a linear filter). kind 'hsm': a random HSM teacher
+    (`hsm_teacher`) on z-scored images, for teacher-student checks.
     """
     imgs = synthetic.natural_images(n_train + n_val, IMAGE_SIZE, 1, seed=seed).double()
     x = imgs.reshape(len(imgs), -1) * PIXEL_MAX
@@ -293,7 +294,7 @@ def synthetic_region(kind: str, n_neurons: int, n_train: int, n_val: int, reps: 
     return x[:n_train], train_y, x[n_train:], raw_val, rates[n_train:]
 
 
-def write_synthetic(root, regions=(1, 2, 3), sizes=None, kind: str = "hsm", seed: int = 0) -> Path:
+def write_synthetic(root, regions=(1, 2, 3), sizes=None, kind: str = "v1", seed: int = 0) -> Path:
     """Write `root/region{r}/` with the 5 real file names, shapes, dtypes (float64) and value ranges, plus
     `root/ground_truth.json` holding each region's true noise ceiling (expected correlation between the true
     rate and the trial average) next to the oracle estimate from raw_validation_set.npy.

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dog_sigma_bug", action="store_true", help="quirk: NDN3 60c4fa2 σ bounds (1,0) freeze both DoG widths")
     a("--dog_uy_init_bug", action="store_true", help="quirk: init uy = U(2,29)+2 (some centres start clamped)")
     a("--convdog_bounds_bug", action="store_true", help="quirk: keep the degenerate centre bounds (2,1) of 3-px conv DoGs")
-    a("--synthetic_kind", choices=["hsm", "v1", "deep"], default="hsm", help="ground truth of the embedded data")
+    a("--synthetic_kind", choices=["v1", "deep", "hsm"], default="v1", help="ground truth of the embedded data: "
+      "v1 = Gabor simple/complex cells of common.synthetic.SimulatedPopulation (default), deep = its pooled "
+      "nonlinear feature units, hsm = a random HSM teacher (the model class being fit)")
     a("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     a("--dtype", choices=["float32", "float64"], default="float32", help="parameter/compute precision")
     a("--amp", action="store_true", help="bf16 autocast on CUDA (off by default: the models are tiny and "

@@ -424,22 +424,27 @@ def fit(args, dist, device):
     return results
 
 
-def validate(args, dist, device):
-    _, val_ds, dataset, root = open_data(args, dist, need_train=False)
-    n_classes = len(val_ds.classes)
+def model_to_evaluate(args, n_classes: int, root) -> torch.nn.Module:
+    """validate / eval_c: the --model_path checkpoint, built with its own head size and then loaded (the release
+    swapped the head *after* loading, so fine-tuned 200-way checkpoints could not be evaluated: bug 3). Without
+    --model_path on the embedded data, a randomly initialised model (a demo of the mode)."""
     if args.model_path is not None:
-        # Build with the checkpoint's own head size, then load (the release swapped the head *after*
-        # loading, so fine-tuned 200-way checkpoints could not be validated: bug 3).
         model, _ = load_checkpoint_model(args, args.model_path)
         if model.fc.out_features != n_classes:
             raise UserError(f"checkpoint {args.model_path} has a {model.fc.out_features}-way head but {root} has "
                             f"{n_classes} classes (fine-tune it first: --mode finetune)")
-    elif args.embedded:
-        print("no --model_path: validating a randomly initialised model (embedded demo)", flush=True)
-        runtime.seed_everything(args.seed)
-        model = new_model(args, n_classes)
-    else:
-        raise UserError("--mode validate needs --model_path")
+        return model
+    if not args.embedded:
+        raise UserError(f"--mode {args.mode} needs --model_path (a checkpoint trained with --mode train or finetune)")
+    print(f"no --model_path: {args.mode} of a randomly initialised model (embedded demo)", flush=True)
+    runtime.seed_everything(args.seed)
+    return new_model(args, n_classes)
+
+
+def validate(args, dist, device):
+    _, val_ds, dataset, root = open_data(args, dist, need_train=False)
+    n_classes = len(val_ds.classes)
+    model = model_to_evaluate(args, n_classes, root)
     rd = open_rundir(args, dist)
     _, raw = prepare_for_device(model, args, device, dist)
     t0 = time.perf_counter()
@@ -469,16 +474,7 @@ def eval_c(args, dist, device):
         if args.c_root is None:
             raise UserError("--mode eval_c needs --c_root (the Tiny-ImageNet-C root)")
         c_root, classes = args.c_root, datasets.read_wnids(args.data_root)
-    if args.model_path is not None:
-        model, _ = load_checkpoint_model(args, args.model_path)
-    elif args.embedded:
-        print("no --model_path: evaluating a randomly initialised model (embedded demo)", flush=True)
-        runtime.seed_everything(args.seed)
-        model = new_model(args, len(classes))
-    else:
-        raise UserError("--mode eval_c needs --model_path (a fine-tuned Tiny-ImageNet checkpoint)")
-    if model.fc.out_features != len(classes):
-        raise UserError(f"checkpoint has a {model.fc.out_features}-way head; Tiny-ImageNet has {len(classes)} classes")
+    model = model_to_evaluate(args, len(classes), c_root)
     rd = open_rundir(args, dist)
     _, raw = prepare_for_device(model, args, device, dist)
     rows = []
