@@ -249,7 +249,7 @@ def test_torchrun_two_cpu_processes(tree, tmp_path):
     assert not any(k.startswith("module.") for k in state(out / "last.pt")["model"])
 
 
-def test_embedded_default_learns_above_chance(tmp_path):
+def test_embedded_default_learns_above_chance_and_every_mode_runs_on_it(tmp_path):
     """The README's main job exactly as a user runs it (only the output folder differs): it writes a genuine
     Tiny-ImageNet tree, trains the default schedule (~2 min on 2 cores) and beats chance by a wide margin."""
     out = tmp_path / "emb"
@@ -262,6 +262,22 @@ def test_embedded_default_learns_above_chance(tmp_path):
     assert res["best_valid_acc"] > 0.3, res  # measured 0.705 (seed 0)
     for f in ("args.json", "metrics.csv", "metrics.jsonl", "last.pt", "best_model_acc.pt", "figures/accuracy.png"):
         assert (out / f).is_file(), f
+
+    # The other modes on the same embedded data (no --data_root; --cache_root reuses the tree written above):
+    # fine-tune the trained checkpoint, validate the fine-tuned one, then Tiny-ImageNet-C on two corruptions.
+    emb = ["--cache_root", out, "--num_epochs", 1, "--limit_train_batches", 5]
+    run(["--mode", "finetune", "--model_path", out / "best_model_acc.pt", "--output_root", tmp_path / "ft", *emb])
+    ft = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert ft["mode"] == "finetune" and ft["params_trainable"] == 2048 * 10 + 10
+    p = run(["--mode", "validate", "--model_path", tmp_path / "ft" / "best_model_acc.pt", "--output_root",
+             tmp_path / "val", "--cache_root", out])
+    val = json.loads((tmp_path / "val" / "results.json").read_text())
+    assert val["n_valid"] == 200 and val["valid_acc"] == pytest.approx(ft["final_valid_acc"])
+    run(["--mode", "eval_c", "--model_path", tmp_path / "ft" / "best_model_acc.pt", "--output_root", tmp_path / "c",
+         "--cache_root", out, "--corruptions", "fog", "pixelate"])
+    rows = list(csv.DictReader(open(tmp_path / "c" / "tinyimagenetc_results.csv")))
+    assert [(r["corruption_type"], r["difficulty"]) for r in rows] == [(c, str(s)) for c in ("fog", "pixelate")
+                                                                      for s in range(1, 6)]
 
 
 # ----------------------------------------------------------------------------- bad input
