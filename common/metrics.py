@@ -58,11 +58,14 @@ def corr(pred, target, axis: int = 0, eps: float = EPS) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
-def masked_corr(pred, target, mask, eps: float = EPS) -> np.ndarray:
+def masked_corr(pred, target, mask=None, eps: float = EPS) -> np.ndarray:
     """Per-neuron Pearson over images using only entries where `mask` (images × neurons) is true.
 
     Used for pooled datasets where a neuron was not recorded on every image. Neurons with < 2 entries → 0.
+    `mask=None` uses every entry (= `corr`).
     """
+    if mask is None:
+        return corr(pred, target, eps=eps)
     x, y, w = _np(pred), _np(target), _np(mask) > 0
     n = w.sum(0)
     safe_n = np.maximum(n, 1)

@@ -72,11 +72,14 @@ def setup_cuda_speed(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (no GradScaler needed), plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device: torch.device, amp: str = "bf16"):
+    """Autocast on CUDA: amp="bf16" (default, no GradScaler needed), "fp16" (pair it with a GradScaler) or "off".
+    Plain fp32 on every other device."""
+    if amp not in ("bf16", "fp16", "off"):
+        raise ValueError(f"amp must be bf16, fp16 or off, got {amp!r}")
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 # ----------------------------------------------------------------------------- torchrun / DDP

@@ -27,6 +27,7 @@ Modes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -227,15 +228,9 @@ def evaluate(model, ds, loss_fn) -> dict:
     pv = model(ds.val_x).double()
     pt = model(ds.train_x).double()
     val = np.stack([data.validation_corr(p, ds) for p in pv])  # (R, N)
-    tr = np.stack([_masked_corr(p, ds.train_y, ds.train_mask) for p in pt])
+    tr = np.stack([metrics.masked_corr(p, ds.train_y, ds.train_mask) for p in pt])
     val_loss = loss_fn(pv, ds.val_y.double(), None if ds.val_mask is None else ds.val_mask.double()).cpu().numpy()
     return dict(val_corr=val, train_corr=tr, val_loss=val_loss)
-
-
-def _masked_corr(pred, target, mask):
-    if mask is None:
-        return metrics.corr(pred, target)
-    return metrics.masked_corr(pred, target, mask)
 
 
 def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
@@ -255,7 +250,7 @@ def fit(model, ds, gens, *, epochs, batch_size, lr, loss="poisson", eval_every=1
     Returns the list of (epoch, mean validation corr per seed)."""
     loss_fn = losses.LOSSES[loss]
     opt = opt or make_optimizer(model, lr)
-    amp_ctx = amp_ctx or (lambda: torch.autocast("cpu", enabled=False))
+    amp_ctx = amp_ctx or contextlib.nullcontext
     curve, steps_per_epoch = [], -(-len(ds.train_x) // batch_size)
     train_loss = None
 
@@ -380,7 +375,7 @@ def train_one(args, s: dict, regions: list[int], run_path: Path, device, dtype) 
                   f"(p90 {row['val_corr_p90']:.4f}, p10 {row['val_corr_p10']:.4f}), train corr "
                   f"{row['train_corr_mean']:.4f}", flush=True)
 
-    amp = (lambda: runtime.autocast(device)) if (args.amp and device.type == "cuda") else None
+    amp = lambda: runtime.autocast(device, "bf16" if args.amp else "off")  # noqa: E731 (fp32 off CUDA)
     fit(fwd, ds, gens, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], loss=s["loss"],
         eval_every=s["eval_every"], on_eval=on_eval, start_epoch=start_epoch, opt=opt, amp_ctx=amp, progress=progress,
         order_gen=order_gen)
@@ -578,7 +573,6 @@ def mode_benchmark(args, device, dtype):
     y = torch.poisson(torch.full((n_img, n_neu), 2.0, dtype=torch.float64), generator=g)
     ds = data.Dataset(x, y, None, x[:50], y[:50], None, []).to(device, dtype)
     cfg, loss_fn = model_cfg(s, args), losses.LOSSES[s["loss"]]
-    amp = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     out = {"study": STUDY, "mode": "benchmark", "model": args.model, "device": str(device), "dtype": args.dtype,
            "threads": torch.get_num_threads(), "train_images": n_img, "neurons": n_neu, "batch_size": s["batch_size"]}
     torch.set_flush_denormal(True)
@@ -588,7 +582,8 @@ def mode_benchmark(args, device, dtype):
             order_gen = torch.Generator().manual_seed(0) if order == "shared" else None
             model = models.build_model(cfg, n_neu, list(range(R)), gens=gens).to(device=device, dtype=dtype)
             opt = make_optimizer(model, s["lr"])
-            epoch = lambda: train_epoch(model, opt, ds, gens, s["batch_size"], loss_fn, amp, order_gen)  # noqa: E731
+            epoch = lambda: train_epoch(model, opt, ds, gens, s["batch_size"], loss_fn,  # noqa: E731
+                                        contextlib.nullcontext, order_gen)
             sec = runtime.time_fn(epoch, device, warmup=1, iters=args.bench_epochs)
             out[f"sec_per_epoch_{R}_seeds{tag}"] = round(sec, 5)
             print(f"benchmark ({order} order): {R} seed(s): {sec:.4f} s/epoch", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common import checkpoint as ck
-from common.runtime import Progress, UserError, choose_device, run_cli
+from common.runtime import Progress, UserError, choose_device
 
 
 def _net():

@@ -34,6 +34,7 @@ def test_masked_corr_ignores_masked_entries():
     mask = np.ones_like(x, bool)
     mask[:10] = False
     np.testing.assert_allclose(metrics.masked_corr(x, y, mask), 1.0, atol=1e-12)
+    np.testing.assert_allclose(metrics.masked_corr(x, y), metrics.corr(x, y))  # no mask = every entry
 
 
 def test_explained_variance_hand():

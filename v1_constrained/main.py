@@ -31,7 +31,6 @@ optional --compile. Checkpoints: best_model_acc.pt (+ best.pt, a hard link), epo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
@@ -141,12 +140,6 @@ def barrier(dist):
         torch.distributed.barrier()
 
 
-def amp_context(args, device):
-    if device.type != "cuda" or args.amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
-
-
 def to_device(x, y, device):
     x = x.to(device, non_blocking=True)
     if device.type == "cuda":
@@ -229,7 +222,7 @@ def train_epoch(run, raw, loader, optimizer, scaler, args, device, dist, epoch, 
         if i >= n_batches:
             break
         x, y = to_device(x, y, device)
-        with amp_context(args, device):
+        with runtime.autocast(device, args.amp):
             out = run(x)
             loss = F.cross_entropy(out.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -259,7 +252,7 @@ def evaluate(raw, loader, args, device, dist, limit=None):
         if limit is not None and i >= limit:
             break
         x, y = to_device(x, y, device)
-        with amp_context(args, device):
+        with runtime.autocast(device, args.amp):
             out = raw(x).float()
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         c = metrics.topk_correct(out, y, ks=(1, min(5, out.shape[1])))
@@ -506,11 +499,8 @@ def benchmark(args):
     iters, warmup = args.bench_iters or (20 if cuda else 3), 5 if cuda else 2
     runtime.seed_everything(args.seed)
 
-    def reset():
-        runtime.reset_peak_memory(device)
-
     def train_speed(model_type):
-        reset()
+        runtime.reset_peak_memory(device)
         model = build_model(model_type, 1000, dog_form=args.dog_form, polar_variant=args.polar_variant,
                             tuned_center=args.tuned_center).to(device)
         if cuda:
@@ -522,7 +512,7 @@ def benchmark(args):
         y = torch.randint(0, 1000, (bs,), device=device)
 
         def step():
-            with amp_context(args, device):
+            with runtime.autocast(device, args.amp):
                 loss = F.cross_entropy(run(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -547,10 +537,10 @@ def benchmark(args):
 
     with torch.no_grad():
         diff = (lc(x) - lc_broadcast(x, lc.weight)).abs().max().item()
-    reset()
+    runtime.reset_peak_memory(device)
     t_fast = runtime.time_fn(lc_fast, device, warmup=warmup, iters=iters)
     mem_fast = runtime.peak_memory_mb(device)
-    reset()
+    runtime.reset_peak_memory(device)
     t_naive = runtime.time_fn(lc_naive, device, warmup=warmup, iters=iters)
     mem_naive = runtime.peak_memory_mb(device)
     res = {"mode": "benchmark", "device": str(device), "model_type": args.model_type, "batch_size": bs,
