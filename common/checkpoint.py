@@ -104,6 +104,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the user's umask like open()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -117,6 +118,12 @@ def _atomic_write(path: Path, write) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path, state: dict) -> None:
@@ -240,6 +247,22 @@ class RunDir:
     def save(self, name: str, state: dict) -> None:
         if self.is_main:
             save_checkpoint(self.path / name, state)
+
+    def save_best(self, state: dict, also: tuple = ()) -> None:
+        """best.pt, plus hard links under the names in `also` (e.g. a release's own name for it; a copy where the
+        file system has no hard links). The one way every study writes its best checkpoint."""
+        if not self.is_main:
+            return
+        save_checkpoint(self.path / "best.pt", state)
+        for name in also:
+            tmp = self.path / f".{name}.link"
+            if tmp.exists():
+                tmp.unlink()
+            try:
+                os.link(self.path / "best.pt", tmp)
+            except OSError:
+                shutil.copyfile(self.path / "best.pt", tmp)
+            os.replace(tmp, self.path / name)
 
     def resume_state(self, name: str = "last.pt") -> dict | None:
         """The checkpoint to continue from when resuming, else None."""

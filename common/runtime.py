@@ -64,6 +64,12 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def set_threads(n: int) -> None:
+    """--threads: CPU intra-op threads (n > 0); 0 keeps torch's default (all cores)."""
+    if n and n > 0:
+        torch.set_num_threads(n)
+
+
 def setup_cuda_speed(device: torch.device) -> None:
     """cudnn autotuning and TF32 matmuls on CUDA (as torchvision/nanoGPT do); a no-op on CPU."""
     if device.type == "cuda":
