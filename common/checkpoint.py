@@ -1,7 +1,6 @@
 """Checkpoint I/O and the run directory.
 
-- Checkpoints are dicts of plain Python types and tensors only (state_dicts, floats, `vars(args)`,
-  RNG states), so they load with `torch.load(weights_only=True)`: a file carrying any other pickled
+- Checkpoints are dicts of plain Python types and tensors only (state_dicts, floats, `vars(args)`), so they load with `torch.load(weights_only=True)`: a file carrying any other pickled
   object (the classic arbitrary-code payload) is refused.
 - Writes are atomic: temp file in the same folder → flush + fsync → `os.replace`. A crash mid-write
   leaves the previous file intact.
@@ -16,7 +15,6 @@ import io
 import json
 import os
 import pickle
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,40 +53,6 @@ def clean_state_dict(sd: dict) -> dict:
                     k, changed = k[len(p):], True
         out[k] = v
     return out
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-
-def capture_rng_state() -> dict:
-    """Python, numpy and torch (CPU + every CUDA device) RNG states as plain types and tensors."""
-    np_state = np.random.get_state()
-    state = {
-        "python": _to_plain(random.getstate()),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(_to_tuple(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to_plain(x):
-    return [_to_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
 
 
 # ----------------------------------------------------------------------------- atomic save / safe load
@@ -304,14 +268,16 @@ def _plain_scalar(v):
 
 def training_state(model, optimizer=None, scheduler=None, scaler=None, *, epoch: int, step: int = 0,
                    best_metric: float | None = None, args: dict | None = None, **extra) -> dict:
-    """The standard checkpoint dict: unwrapped model state + optimizer/scheduler/scaler + counters + RNG."""
+    """The standard checkpoint dict: unwrapped model state + optimizer/scheduler/scaler + counters + args.
+
+    No RNG state: the studies reseed at every epoch from (seed, epoch), so a run resumed at an epoch boundary
+    draws exactly what an uninterrupted run draws."""
     state = {
         "model": unwrap_model(model).state_dict(),
         "epoch": int(epoch),
         "step": int(step),
         "best_metric": None if best_metric is None else float(best_metric),
         "args": dict(args or {}),
-        "rng": capture_rng_state(),
     }
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()

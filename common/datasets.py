@@ -203,17 +203,6 @@ def iter_tiny_imagenet_c(root, transform=None, classes: list[str] | None = None,
 # ----------------------------------------------------------------------------- tensors in memory
 
 
-def load_tensor_dataset(dataset, max_items: int | None = None, batch_size: int = 256):
-    """Materialise a (transformed) image dataset as (images N×C×H×W float32, labels long)."""
-    n = len(dataset) if max_items is None else min(max_items, len(dataset))
-    xs, ys = [], []
-    for i in range(n):
-        x, y = dataset[i]
-        xs.append(torch.as_tensor(x))
-        ys.append(int(y))
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
-
-
 class TensorBatcher:
     """Shuffled minibatches from tensors held on one device (no DataLoader workers).
 

@@ -120,8 +120,6 @@ def explainable_fraction(repeats) -> np.ndarray:
         return np.where(vt > 0, (vt - vn) / np.where(vt > 0, vt, 1.0), np.nan)
 
 
-fev = explainable_fraction
-
 
 def feve(repeats, pred) -> np.ndarray:
     """Fraction of explainable variance explained, per neuron.
