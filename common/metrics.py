@@ -7,7 +7,7 @@ Shapes
 - `pred`, `target`: images × neurons (correlation is over images, per neuron: `axis=0`).
 - `repeats`: reps × images × neurons, NaN where a repeat is missing (e.g. fewer trials for some images).
 
-Conventions (KIT_DESIGN.md, neuralpredictors' `measures/np_functions.py`)
+Conventions (as neuralpredictors' `neuralpredictors/measures/np_functions.py`; ImageNet-C: Hendrycks & Dietterich, ICLR 2019)
 - Pearson correlation with the population std (ddof=0); a neuron whose prediction or target has zero
   variance scores 0 and is still counted in the mean.
 - noise variance σ²_noise = mean over images of the across-repeat variance (ddof=1);

@@ -94,6 +94,12 @@ def test_tiny_imagenet_c_writer_and_walker(tiny, tmp_path):
         list(datasets.iter_tiny_imagenet_c(croot, classes=classes, severities=(2,)))
 
 
+# The corruptions whose ImageNet-C parameters grow with severity change the image more at every step; glass blur
+# (its iteration count is not monotone in severity), zoom blur (overlapping zoom ranges) and frost (a different
+# texture crop per severity) are not monotone in pixel distance, in ImageNet-C either, and are checked end to end.
+NOT_MONOTONE = {"glass_blur", "zoom_blur", "frost"}
+
+
 def test_all_corruptions_all_severities_change_the_image_monotonically():
     img = synthetic.make_class_images(1, 1, size=64, seed=3)[0][0]
     assert len(synthetic.CORRUPTIONS) == 15
@@ -104,7 +110,10 @@ def test_all_corruptions_all_severities_change_the_image_monotonically():
             assert out.shape == img.shape and out.dtype == np.uint8
             dist.append(np.abs(out.astype(float) - img).mean())
         assert dist[0] > 0, name
-        assert dist[4] >= dist[0] * 0.95, (name, dist)
+        if name in NOT_MONOTONE:
+            assert dist[4] > dist[0], (name, dist)
+        else:
+            assert all(b > a for a, b in zip(dist, dist[1:])), (name, dist)
     with pytest.raises(ValueError):
         synthetic.corrupt(img, "rain", 1)
 
