@@ -1,17 +1,14 @@
 """v1_constrained/data.py: the paper's 64x64 transforms and both on-disk layouts."""
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import synthetic  # noqa: E402
-from common.runtime import UserError  # noqa: E402
-from v1_constrained import data as v1data  # noqa: E402
+from common import synthetic
+from common.runtime import UserError
+from v1_constrained import data as v1data
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,14 @@
 """v1_constrained/models.py: known-answer tests of the five V1 components and the 13-model zoo."""
 import math
-import sys
-from pathlib import Path
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from v1_constrained.models import (MODEL_TYPES, DoGConv2d, DoGLayer, LocallyConnected2d,  # noqa: E402
-                                   PolarTransform, StdDivNorm, TunedNorm, build_model, count_parameters, polar_masks,
-                                   lc_broadcast, polar_broadcast, remap_release_keys, replace_head)
+from v1_constrained.models import (MODEL_TYPES, DoGConv2d, DoGLayer, LocallyConnected2d, PolarTransform,
+                                   StdDivNorm, TunedNorm, build_model, count_parameters, lc_broadcast, polar_broadcast,
+                                   polar_masks, remap_release_keys, replace_head)
 
 # The research note's table (1000 classes; totals include frozen Parameters, not buffers).
 PARAMS = {
@@ -35,11 +32,83 @@ def test_table_covers_every_model_type():
     assert set(PARAMS) == set(MODEL_TYPES) and len(MODEL_TYPES) == 13
 
 
+# ----------------------------------------------------------------------------- initialisation = the release's
+
+
+def release_init(model_type: str, name: str, module: torch.nn.Module, pname: str, p: torch.Tensor):
+    """The distribution the release code draws parameter `name` from, written out from its construction order:
+    torchvision's init loop (kaiming-normal fan_out on every Conv2d, BN weight 1 / bias 0) runs inside resnet50()
+    and inside the release's ResNetComposite constructor, so it covers the composites' ConvDog conv too; Linear
+    keeps PyTorch's default; resnet50_center_surround swaps layer1[i].conv2 for Sequential(Conv2d, DoG) after
+    resnet50() returned, so that conv keeps PyTorch's default Conv2d init (models/center_surround.py); the V1
+    modules draw their own (utils/DoG.py, LocallyConnected2d.py, DivisiveNormalization.py)."""
+    if isinstance(module, torch.nn.Conv2d):
+        fan_in, fan_out = p[0].numel(), p.shape[0] * p[0, 0].numel()
+        if model_type == "resnet50_center_surround" and re.fullmatch(r"layer1\.[012]\.conv2\.0\.weight", name):
+            return ("uniform", -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))  # kaiming_uniform(a=√5)
+        return ("normal", 0.0, math.sqrt(2.0 / fan_out))
+    if isinstance(module, torch.nn.BatchNorm2d):
+        return ("const", 1.0 if pname == "weight" else 0.0)
+    if isinstance(module, torch.nn.Linear):
+        b = 1 / math.sqrt(module.in_features)
+        return ("uniform", -b, b)
+    if isinstance(module, DoGConv2d):
+        k = module.k
+        r = torch.arange(2 * k + 1.0) - k
+        return {"sigma1": ("uniform", k / 2, k / 2 + 1), "sigma2_scale": ("uniform", k / 2, k / 2 + 1),
+                "total_scale": ("normal", 0.0, 2.0), "bias": ("const", 0.0),
+                "kernel_dists": ("exact", r[None] ** 2 + r[:, None] ** 2)}[pname]
+    if isinstance(module, LocallyConnected2d):
+        return ("normal", 0.0, 1.0)
+    if isinstance(module, TunedNorm):
+        n = module.n_channels
+        q = (torch.arange(n) - n // 2).abs().float()
+        return {"sigmas": ("uniform", n / 8, n / 8 + 1),
+                "channel_distances": ("exact", torch.stack([torch.roll(q, i) for i in range(n)]))}[pname]
+    if isinstance(module, StdDivNorm):
+        return {"A": ("uniform", 0, 1), "rho": ("uniform", 1, 2), "sigma": ("uniform", 1, 2),
+                "theta": ("uniform", 0, 2 * math.pi), "v": ("normal", module.kernel_size // 2, 1.0),
+                "w": ("normal", module.kernel_size // 2, 1.0), "bias": ("uniform", 1, 2)}[pname]
+    raise AssertionError(f"{model_type}: no release init rule for {name} ({type(module).__name__})")
+
+
+def check_release_init(model_type: str, model: torch.nn.Module) -> int:
+    """Every parameter's empirical statistics against its release rule (tolerances ~6 standard errors)."""
+    checked = 0
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            rule = release_init(model_type, name, module, pname, p)
+            x = p.detach().double().flatten()
+            n = x.numel()
+            if rule[0] == "const":
+                assert (x == rule[1]).all(), name
+            elif rule[0] == "exact":
+                assert torch.equal(p.detach(), rule[1].to(p.dtype)), name
+            elif rule[0] == "uniform":
+                lo, hi = rule[1:]
+                assert x.min() >= lo and x.max() <= hi, (name, x.min().item(), x.max().item(), lo, hi)
+                if n >= 100:  # both bounds reached (a narrower uniform fails here) and the uniform's std
+                    assert x.min() - lo < 20 * (hi - lo) / n and hi - x.max() < 20 * (hi - lo) / n, name
+                    sd = (hi - lo) / math.sqrt(12)
+                    assert abs(x.std().item() / sd - 1) < 6 / math.sqrt(n) + 1e-3, (name, x.std().item(), sd)
+            else:
+                mu, sd = rule[1:]
+                assert abs(x.mean().item() - mu) < 6 * sd / math.sqrt(n), (name, x.mean().item(), mu)
+                assert abs(x.std().item() / sd - 1) < 6 / math.sqrt(2 * n) + 1e-3, (name, x.std().item(), sd)
+                if n >= 2000:  # a normal, not a uniform of the same std (kurtosis 3 vs 1.8)
+                    kurt = (((x - x.mean()) / x.std()) ** 4).mean().item()
+                    assert abs(kurt - 3) < 0.6, (name, kurt)
+            checked += 1
+    return checked
+
+
 @pytest.mark.parametrize("name", MODEL_TYPES)
-def test_zoo_counts_and_shapes(name):
+def test_zoo_counts_shapes_and_release_init(name):
     torch.manual_seed(0)
     model = build_model(name, 1000).eval()
     assert count_parameters(model) == PARAMS[name]
+    assert check_release_init(name, model) == len(list(model.parameters()))
     x = torch.randn(2, 3, 64, 64)
     seen = {}
     model.layer1.register_forward_hook(lambda m, i, o: seen.update(layer1=o))
@@ -50,6 +119,18 @@ def test_zoo_counts_and_shapes(name):
         replace_head(model, 200)
         assert model.fc(seen["pool"].flatten(1)).shape == (2, 200)
     assert model.fc.weight.shape == (200, 2048)
+
+
+def test_init_check_catches_the_kaiming_center_surround_convs():
+    """The divergence the check exists for: kaiming-normal (std 0.059) on the pre-DoG convs instead of the
+    default Conv2d init (std 0.024) must fail it."""
+    torch.manual_seed(0)
+    model = build_model("resnet50_center_surround", 10)
+    w = model.layer1[1].conv2[0].weight
+    assert w.abs().max() <= 1 / math.sqrt(64 * 9) and w.std().item() == pytest.approx(1 / math.sqrt(3 * 64 * 9), rel=0.03)
+    torch.nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+    with pytest.raises(AssertionError):
+        check_release_init("resnet50_center_surround", model)
 
 
 def test_forward_features_layer1():
@@ -164,6 +245,34 @@ def test_polar_matmul_equals_broadcast_and_known_values():
     # the two variants differ only by the extra radial reflect padding
     assert not torch.allclose(PolarTransform(variant="brainscore")(torch.randn(1, 1, 32, 32)),
                               PolarTransform()(torch.randn(1, 1, 32, 32)))
+
+
+def test_polar_float64_forward_equals_float64_reference():
+    """The pooling matrix is built in the input's precision: float64 forwards of the polar models equal a float64
+    reference (broadcast over masks rebuilt in float64) to 1e-12, which float32-built masks would miss (~1e-8)."""
+    torch.manual_seed(0)
+    p = PolarTransform().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert p.pool_matrix(torch.float64).dtype == torch.float64
+    torch.testing.assert_close(p(x), polar_broadcast(p, x), rtol=0, atol=1e-12)
+    m32 = polar_masks(32, dtype=torch.float32)[0].double()   # what a float32-built matrix would use
+    ref32 = (x.unsqueeze(2) * m32).sum((-1, -2)) / m32.sum((-1, -2)).clamp(min=1)
+    assert (p.finish(ref32.view(2, 3, 18, 30)) - p(x)).abs().max() > 1e-10
+    m64 = polar_masks(32, dtype=torch.float64)[0].flatten(1)
+
+    def reference(t):  # sums over each mask, divided afterwards (the release's order), masks rebuilt in float64
+        pooled = torch.einsum("ncp,kp->nck", t.flatten(2), m64) / m64.sum(1).clamp(min=1)
+        return p.finish(pooled.view(*t.shape[:2], 18, 30))
+
+    for name in ("resnet50_cortical_magnification", "resnet50_composite_a"):
+        torch.manual_seed(1)
+        model = build_model(name, 10).double().eval()
+        img = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        with torch.no_grad():
+            out = model(img)
+            model.lpp.forward = reference
+            ref = model(img)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- tuned normalization

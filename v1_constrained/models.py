@@ -246,13 +246,14 @@ POLAR_N_ANGLES = 30
 
 
 def polar_masks(size: int = 32, radius_edges=POLAR_RADIUS_EDGES, n_angles: int = POLAR_N_ANGLES,
-                interpolate: bool = True):
+                interpolate: bool = True, dtype=torch.float64):
     """Pooling masks (rings * sectors, size, size) and the number of non-empty sectors per ring (pre-interp.).
 
     Pixel (row, col) has x = col − size/2, y = size/2 − row, angle = atan2(y, x) in [0, 2π). A ring whose
     inner edge is ≤ size/2 has its non-empty sector masks linearly resampled (align_corners=False) to
     `n_angles` along the angle axis: the 1/8/16/20/24-pixel foveal rings are spread over 30 bins, which is
     the magnification of the fovea. The outer rings keep their empty sectors (count clamped to 1 → 0 out).
+    The interpolation weights are computed in `dtype` (float64 by default: exact to double precision).
     """
     c = size // 2
     xs = (torch.arange(size) - c).float().repeat(size, 1)
@@ -264,7 +265,7 @@ def polar_masks(size: int = 32, radius_edges=POLAR_RADIUS_EDGES, n_angles: int =
     a_edges = torch.linspace(0, 2 * math.pi, n_angles + 1, dtype=torch.float64).float()
     in_ring = (dist[None] >= r_edges[:-1, None]) & (dist[None] < r_edges[1:, None])      # (R, P)
     in_sector = (ang[None] >= a_edges[:-1, None]) & (ang[None] < a_edges[1:, None])     # (A, P)
-    masks = (in_ring[:, None] & in_sector[None]).float()                                  # (R, A, P)
+    masks = (in_ring[:, None] & in_sector[None]).to(dtype)                                # (R, A, P)
     nonempty = (masks.sum(-1) > 0).sum(-1)
     if interpolate:
         for r in range(len(radius_edges) - 1):
@@ -283,7 +284,9 @@ class PolarTransform(nn.Module):
     Brain-Score copy `LPP49`, variant "brainscore", also reflect-pads the radius axis) and the map is
     resized bilinearly without antialiasing (torchvision's 2023 tensor default the release relied on).
     Buffers `pooling_masks` (540, 32, 32) and `pooling_mask_counts` (540,) keep the release's names; the
-    release stores them in fp16, here fp32 (loading an fp16 checkpoint casts on copy).
+    release stores them in fp16, here fp32 (loading an fp16 checkpoint casts on copy). The forward uses
+    `pool_weights`, the (1024, 540) averaging matrix built in float64 from the same grid (not saved: a constant)
+    and cast to the input's dtype, so a float64 forward is float64-exact and a float32 one correctly rounded.
     """
 
     def __init__(self, input_size: int = 32, output_size: int = 16, variant: str = "release"):
@@ -291,17 +294,18 @@ class PolarTransform(nn.Module):
         if variant not in POLAR_VARIANTS:
             raise ValueError(f"polar variant {variant!r} not in {POLAR_VARIANTS}")
         self.input_size, self.output_size, self.variant = input_size, output_size, variant
-        masks, nonempty = polar_masks(input_size)
+        masks, nonempty = polar_masks(input_size, dtype=torch.float64)
         self.n_radii, self.n_angles = len(POLAR_RADIUS_EDGES) - 1, POLAR_N_ANGLES
         self.nonempty_per_ring = nonempty.tolist()
         counts = masks.sum(dim=(1, 2))
-        self.register_buffer("pooling_masks", masks)
-        self.register_buffer("pooling_mask_counts", torch.where(counts == 0, torch.ones_like(counts), counts))
+        counts = torch.where(counts == 0, torch.ones_like(counts), counts)
+        self.register_buffer("pooling_masks", masks.float())
+        self.register_buffer("pooling_mask_counts", counts.float())
+        self.register_buffer("pool_weights", (masks.flatten(1) / counts[:, None]).t().contiguous(), persistent=False)
 
     def pool_matrix(self, dtype=None) -> torch.Tensor:
-        """(H*W, rings*sectors): the average-pooling weights."""
-        w = self.pooling_masks.float().flatten(1) / self.pooling_mask_counts.float()[:, None]
-        return w.t().to(dtype or w.dtype)
+        """(H*W, rings*sectors): the average-pooling weights in `dtype` (default: torch's default dtype)."""
+        return self.pool_weights.to(dtype or torch.get_default_dtype())
 
     def finish(self, polar: torch.Tensor) -> torch.Tensor:
         """(N, C, rings, sectors) → padded and resized (N, C, out, out)."""
@@ -323,10 +327,11 @@ class PolarTransform(nn.Module):
 
 
 def polar_broadcast(module: PolarTransform, x: torch.Tensor) -> torch.Tensor:
-    """The release's form (reference only): broadcast x (N, C, 1, H, W) against all 540 masks."""
+    """The release's form (reference only): broadcast x (N, C, 1, H, W) against all 540 masks, rebuilt in x's
+    precision from the grid (independent of the module's pooling matrix)."""
     n, c = x.shape[:2]
-    m = module.pooling_masks.float()
-    polar = (x.unsqueeze(2) * m).sum(dim=(-1, -2)) / module.pooling_mask_counts.float()
+    m = polar_masks(module.input_size, dtype=torch.float64)[0].to(x.dtype)
+    polar = (x.unsqueeze(2) * m).sum(dim=(-1, -2)) / m.sum(dim=(-1, -2)).clamp(min=1)
     return module.finish(polar.view(n, c, module.n_radii, module.n_angles))
 
 
@@ -395,12 +400,8 @@ class V1ResNet50(ResNet):
         down = nn.Sequential(conv1x1(64, 256), nn.BatchNorm2d(256))
         blocks = [V1Bottleneck(64, 64, downsample=down), V1Bottleneck(256, 64), V1Bottleneck(256, 64)]
         for i, blk in enumerate(blocks):
-            if i in spec.dog_blocks:
-                if spec.dog_style == "sequential":
-                    blk.conv2 = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False),
-                                              DoGLayer(16, k=2, form=dog_form))
-                else:
-                    blk.conv2 = ConvDoG(64, form=dog_form)
+            if i in spec.dog_blocks and spec.dog_style == "composite":
+                blk.conv2 = ConvDoG(64, form=dog_form)
             if spec.lc_block == i:
                 lc = LocallyConnected2d(64, 64, output_size=16, kernel_size=3, stride=1, padding=1)
                 blk.conv2 = nn.Sequential(nn.Dropout2d(0.5), lc) if spec.lc_dropout else lc
@@ -409,9 +410,18 @@ class V1ResNet50(ResNet):
             elif spec.norm == "div":
                 blk.dn = StdDivNorm(256, 3)
         self.layer1 = nn.Sequential(*blocks)
-        for m in self.layer1.modules():  # torchvision's init for the rebuilt convs
+        # torchvision's init loop (kaiming-normal fan_out) over the rebuilt convs, as the release's ResNetComposite
+        # runs it over its own layer1 — the composites' ConvDoG conv included (models/composite.py).
+        for m in self.layer1.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if spec.dog_style == "sequential":
+            # resnet50_center_surround (models/center_surround.py) swaps conv2 for Sequential(Conv2d, DoG) *after*
+            # torchvision's resnet50() has run its init loop, so this 3x3 conv keeps PyTorch's default Conv2d init
+            # (kaiming-uniform, a=√5: U(±1/√fan_in), std ≈ 0.024) — built here after the loop for the same reason.
+            for i in spec.dog_blocks:
+                self.layer1[i].conv2 = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False),
+                                                     DoGLayer(16, k=2, form=dog_form))
 
     def stem(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
