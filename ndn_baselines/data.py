@@ -10,7 +10,8 @@ e1004927, file S1 (doi 10.1371/journal.pcbi.1004927.s001), unzip, and pass `--da
     validation_set.npy       (50, N)           trial average
     raw_validation_set.npy   (reps, 50, N)     single trials (some copies store (50, reps, N): checked on load)
 
-with N = 103/55/102 neurons, N_tr = 1800/1260/1800 and reps = 10/8/12 for regions 1/2/3 (research note §2).
+with N = 103/55/102 neurons, N_tr = 1800/1260/1800 and reps = 10/8/12 for regions 1/2/3 (Antolík et al. 2016,
+Methods; regions 1 and 2 come from one mouse, region 3 from another).
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 
 from common import metrics, synthetic
+from common.datasets import NeuralResponses
 from common.runtime import UserError
 
-from . import models
+from ndn_baselines import models
 
 FILES = ("training_inputs.npy", "training_set.npy", "validation_inputs.npy", "validation_set.npy",
          "raw_validation_set.npy")
@@ -52,36 +54,43 @@ class Region:
         return self.train_y.shape[1]
 
 
+def split(images: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor | None = None,
+          source: str = "<memory>") -> NeuralResponses:
+    """One split as the kit's `common.datasets.NeuralResponses`: rows of 961 pixels → N × 1 × 31 × 31 images."""
+    images = torch.as_tensor(images)
+    return NeuralResponses(images.reshape(len(images), 1, IMAGE_SIZE, IMAGE_SIZE), torch.as_tensor(responses),
+                           mask=mask, source=source)
+
+
 @dataclass
 class Dataset:
-    """What training sees: scaled inputs, responses, masks (None unless pooled) and per-region blocks.
+    """A run's data: the training and validation splits (`common.datasets.NeuralResponses`; the validation
+    responses are the trial averages of validation_set.npy) and, per region, what the splits cannot hold.
 
-    `blocks` holds one dict per region: name, `images` (validation image slice), `neurons` (slice), and two noise
-    ceilings from raw_validation_set.npy (means over neurons): `oracle` = leave-one-out oracle correlation (a
-    single trial against the mean of the others; the ceiling for predicting one trial, below the one for the
-    trial average), and `avg_ceiling` = sqrt(Spearman-Brown split-half reliability), the expected correlation of
-    the true rate with the trial average, against which validation correlations (with validation_set.npy,
-    the trial average) are to be read. Correlations are reported per region and as the neuron-weighted mean
-    over regions (thesis §3.2.1).
+    The splits are NeuralResponses; this small wrapper exists because one run trains on pooled regions and must
+    still score each neuron on its own region's images only: `blocks` holds one dict per region with its name,
+    `images` (validation image slice), `neurons` (slice), and two noise ceilings from raw_validation_set.npy
+    (means over neurons): `oracle` = leave-one-out oracle correlation (a single trial against the mean of the
+    others; the ceiling for predicting one trial, below the one for the trial average), and `avg_ceiling` =
+    sqrt(Spearman-Brown split-half reliability), the expected correlation of the true rate with the trial average,
+    against which validation correlations are to be read. Correlations are reported per region and as the
+    neuron-weighted mean over regions (thesis 3.2.1).
     """
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    train_mask: torch.Tensor | None
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    val_mask: torch.Tensor | None
+    train: NeuralResponses
+    val: NeuralResponses
     blocks: list = field(default_factory=list)
     ceiling: np.ndarray | None = None  # oracle correlation per neuron
     avg_ceiling: np.ndarray | None = None  # sqrt(split-half reliability) per neuron
 
     @property
     def n_neurons(self) -> int:
-        return self.train_y.shape[1]
+        return self.train.n_neurons
 
-    def to(self, device, dtype):
-        mv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return Dataset(mv(self.train_x), mv(self.train_y), mv(self.train_mask), mv(self.val_x), mv(self.val_y),
-                       mv(self.val_mask), self.blocks, self.ceiling, self.avg_ceiling)
+    def to(self, device, dtype) -> "Dataset":
+        def mv(r: NeuralResponses) -> NeuralResponses:
+            return NeuralResponses(r.images.to(device=device, dtype=dtype), r.responses.to(device=device, dtype=dtype),
+                                   mask=None if r.mask is None else r.mask.to(device), source=r.source)
+        return Dataset(mv(self.train), mv(self.val), self.blocks, self.ceiling, self.avg_ceiling)
 
 
 # ----------------------------------------------------------------------------- reader
@@ -147,7 +156,7 @@ def _orient_raw(raw: np.ndarray, val_y: np.ndarray, path: Path) -> np.ndarray:
 
 
 def scale_inputs(x: np.ndarray, mode: str, stats=None) -> np.ndarray:
-    """raw: as stored (0..0.000255; training fails, note §5.1); x1e6: back to 0..255 (bl1); zscore: (x − mean)/std
+    """raw: as stored (0..0.000255, slug input-scale: training fails at this scale, thesis 1.1.1); x1e6: back to 0..255 (bl1); zscore: (x − mean)/std
     with the mean/std of the whole array (bl2+), or of `stats` = (mean, std) when given."""
     if mode == "raw":
         return x
@@ -193,13 +202,14 @@ def make_dataset(regions: list[Region], scaling: str, val_own_stats: bool = Fals
     if len(regions) > 1:
         train_mask = torch.cat([_block_mask(len(r.train_y), n_total, b["neurons"]) for r, b in zip(regions, blocks)])
         val_mask = torch.cat([_block_mask(len(r.val_y), n_total, b["neurons"]) for r, b in zip(regions, blocks)])
-    return Dataset(t(txs), t(tys), train_mask, t(vxs), t(vys), val_mask, blocks, np.concatenate(ceilings),
-                   np.concatenate(avg_ceilings))
+    names = "+".join(r.name for r in regions)
+    return Dataset(split(t(txs), t(tys), train_mask, f"{names} training"), split(t(vxs), t(vys), val_mask,
+                   f"{names} validation"), blocks, np.concatenate(ceilings), np.concatenate(avg_ceilings))
 
 
 def _block_mask(n_images: int, n_total: int, neurons: slice) -> torch.Tensor:
-    m = torch.zeros(n_images, n_total, dtype=torch.float64)
-    m[:, neurons] = 1.0
+    m = torch.zeros(n_images, n_total, dtype=torch.bool)
+    m[:, neurons] = True
     return m
 
 
@@ -221,7 +231,7 @@ def region_list(spec: str) -> list:
 def validation_corr(pred: torch.Tensor, ds: Dataset) -> np.ndarray:
     """Per-neuron validation correlation (common.metrics), each neuron over its own region's images only."""
     p = pred.detach().cpu().double().numpy()
-    y = ds.val_y.cpu().double().numpy()
+    y = ds.val.responses.cpu().double().numpy()
     out = np.zeros(ds.n_neurons)
     for b in ds.blocks:
         out[b["neurons"]] = metrics.corr(p[b["images"], b["neurons"]], y[b["images"], b["neurons"]])

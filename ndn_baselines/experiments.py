@@ -1,22 +1,83 @@
-"""Model presets (bl1–bl4 and the thesis' variants) and the thesis' experiment grids, as plain settings dicts.
+"""Every setting of a run, in one place: the defaults (`Settings`), the presets bl1–bl4 and the thesis' variants,
+and the thesis' experiment grids.
 
-A *setting* is a dict of main.py flags (without the dashes): `{"model": "bl2", "lr": 1e-5}` is the run
-`main.py --mode train --model bl2 --lr 1e-5`. A preset fills every flag the user leaves out; an experiment is a
-named list of settings, run by `--mode sweep --experiment NAME` as runs `NAME__0`, `NAME__1`, ...
-(msc-neuro's `{exp}_runner.py` grids; research note §1 "Experiments"). Regularizers are given as
-`"reg": ["LAYER.TYPE=λ", ...]` with LAYER in conv|hidden|out and TYPE in l1|l2|d2x|max|max_filt.
+How a run's settings are decided (main.py, `common.settings.resolve`; each value's source is printed at start and
+recorded in the run's args.json under `settings_source`):
+
+    Settings() defaults → preset (--model) → embedded short schedule (no --data_root only)
+                        → experiment grid setting (--experiment/--grid_index, what a sweep's child runs) → flags
+
+A *setting* is a dict of main.py flags without the dashes: `{"model": "bl2", "lr": 1e-5}` is the run
+`main.py --mode train --model bl2 --lr 1e-5`. An experiment is a named list of settings, run by
+`--mode sweep --experiment NAME` as units `NAME__0`, `NAME__1`, ... in list order (msc-neuro's
+`experiments/**/{exp}_runner.py` grids). Regularizers are `"reg": ["LAYER.TYPE=λ", ...]` with LAYER in
+conv|hidden|out and TYPE in l1|l2|d2x|max|max_filt; a `reg` given by a later layer or a flag REPLACES the earlier
+list (it is the whole regularization of the run).
+
+Sources: P. Houška, "Deep-learning architectures for analysing population neural data", MSc thesis, Charles
+University 2021 (github.com/petrroll/msc-thesis, chapter 5; "thesis 1.2.1" below = its experiment 1.2.1), and its
+code github.com/petrroll/msc-neuro (experiments/, utils/) with NDN3 (github.com/petrroll/NDN3, pinned at e89669d).
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from itertools import product
 
-# Training protocol shared by all runs (thesis §1, note "Training"): Adam(0.9, 0.999, 1e-8), batch 16, reshuffle
-# every epoch, keep the last partial batch, fixed epochs (no early stopping), validation every 100 epochs.
-BASE = dict(arch="hsm", n_dog=9, dog_act="lin", hidden_ratio=0.2, hidden_type="normal", lin_scale=False, dropout=0.0,
-            conv_filters=9, conv_size=7, conv_stride=0, conv_layers=1, conv_act="softplus", bias_init="normal",
-            reg=[], loss="poisson", scaling="zscore", lr=1e-3, batch_size=16, epochs=5000, eval_every=100)
+from common.runtime import UserError
+from ndn_baselines.losses import REGULARIZERS
 
 BASELINE_EPOCHS = 35_000  # bl1–bl4 and the multi-region evaluation; the `bs*` experiments use 5,000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The defaults of every setting (a preset, the embedded schedule, a grid or a flag overrides them).
+
+    The training protocol is msc-neuro's for all runs: Adam(0.9, 0.999, 1e-8), batch 16, train images reshuffled
+    every epoch, the last partial batch kept, a fixed number of epochs (no early stopping), validation every 100.
+    """
+    # network (models.build_model)
+    arch: str = "hsm"              # hsm | conv | conv_dog | ln | lnln | whatwhere
+    n_dog: int = 9                 # DoG filters of the HSM (Antolík et al. 2016: 9)
+    dog_act: str = "lin"           # after the DoG layer: lin (HSM) or softplus (thesis 1.3.4)
+    hidden_ratio: float = 0.2      # hidden units = int(ratio · neurons): 20/11/20 on regions 1/2/3
+    hidden_type: str = "normal"    # dense (normal) or separable space × channel (sep, NDN3 'sep')
+    lin_scale: bool = False        # learnable input scale w·x + b first (thesis 1.4.1)
+    dropout: float = 0.0           # DROP probability on the hidden units (slug dropout-keep-prob)
+    conv_filters: int = 9
+    conv_size: int = 7
+    conv_stride: int = 0           # 0: (k + 1) // 2, as the thesis' runners
+    conv_layers: int = 1
+    conv_act: str = "softplus"
+    bias_init: str = "normal"      # N(0, 0.1²) as NDN3 runs 'trunc_normal' (slug trunc-normal-bias); bl1/bl2: zeros
+    reg: tuple = ()                # "LAYER.TYPE=λ" entries
+    # quirks of the original, reproduced on request (README "Original quirks")
+    dog_sigma_bug: bool = False        # slug dog-sigma-bounds
+    dog_uy_init_bug: bool = False      # slug dog-uy-init
+    convdog_bounds_bug: bool = False   # slug convdog-degenerate-bounds
+    zscore_val_own_stats: bool = False  # slug zscore-val-own-stats
+    # data and training
+    region: str = "1"              # 1|2|3, all, pooled, or a list like 1,2
+    scaling: str = "zscore"        # raw | x1e6 (bl1) | zscore (bl2+)
+    loss: str = "poisson"          # poisson | gaussian (thesis exp51)
+    lr: float = 1e-3
+    batch_size: int = 16
+    epochs: int = 5000             # the experiments' 5,000; the baseline presets set 35,000
+    eval_every: int = 100          # msc-neuro's epochs_summary
+    seeds: int = 50                # random initialisations trained together (msc-neuro's bl1 ran 0..49)
+    shared_order: bool = False     # one minibatch order for all seeds (faster); default: each seed its own
+
+
+DEFAULTS = asdict(Settings())
+MODEL_KEYS = ("arch", "n_dog", "dog_act", "hidden_ratio", "hidden_type", "lin_scale", "dropout", "conv_filters",
+              "conv_size", "conv_stride", "conv_layers", "conv_act", "bias_init", "reg", "dog_sigma_bug",
+              "dog_uy_init_bug", "convdog_bounds_bug")
+
+# The embedded synthetic data (no --data_root): a short schedule, < 3 min on a 2-core CPU; per preset where the
+# default would not fit (ln/lnln: the d2x penalty on 961-pixel weights; whatwhere: ~10 GFLOP per seed-epoch).
+EMBEDDED_SCHEDULE = dict(epochs=300, seeds=4, eval_every=25)
+EMBEDDED_PER_PRESET = {"ln": dict(epochs=150), "lnln": dict(epochs=200),
+                       "whatwhere": dict(epochs=4, seeds=2, eval_every=1)}
 
 PRESETS = {
     # Baselines (thesis 1.1.1, 1.2.1, 1.2.5, 1.3.2/1.3.3). bl4 is the best model.
@@ -106,3 +167,20 @@ EXPERIMENTS = {
     "tiny": [dict(model="bl4", epochs=3, seeds=2, eval_every=1, n_dog=4),
              dict(model="ln", epochs=3, seeds=2, eval_every=1)],
 }
+
+
+def parse_reg(entries) -> dict:
+    """['out.l2=0.1', 'hidden.d2x=1'] → {'out': {'l2': 0.1}, 'hidden': {'d2x': 1.0}}; a later entry of the same
+    LAYER.TYPE wins."""
+    reg = {}
+    for e in entries or []:
+        try:
+            lhs, lam = e.split("=")
+            layer, kind = lhs.split(".")
+            lam = float(lam)
+        except ValueError:
+            raise UserError(f"--reg {e!r}: expected LAYER.TYPE=λ, e.g. out.l2=0.1") from None
+        if layer not in ("conv", "hidden", "out") or kind not in REGULARIZERS:
+            raise UserError(f"--reg {e!r}: LAYER must be conv|hidden|out and TYPE one of {list(REGULARIZERS)}")
+        reg.setdefault(layer, {})[kind] = lam
+    return reg

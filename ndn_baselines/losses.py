@@ -5,7 +5,8 @@ The training loop minimises the SUM over seeds: seed s's parameters only enter s
 gradients of different seeds never mix and one Adam over the stacked parameters is R independent Adams
 (Adam is elementwise).
 
-Scaling follows NDN3 (research note §1, §5.6), which ties the thesis' λ values to it:
+Scaling follows NDN3 (petrroll/NDN3 NDN.py: the Poisson cost; regularization.py: the penalties), which ties the
+thesis' λ values to it:
 - the Poisson loss sums over neurons and over the minibatch and divides by the batch size only;
 - regularizers are NOT normalised by layer size or batch size and are added to that loss unscaled;
 - L2 carries the ½ of `tf.nn.l2_loss`.

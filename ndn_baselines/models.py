@@ -8,11 +8,12 @@ the stack is training each seed alone (tests/test_ndn_models.py checks it), at a
 
 Layer inputs are either shared by all seeds, (B, ...), or per seed, (R, B, ...); outputs are (R, B, ...).
 
-The HSM (Antolík 2016, Fig. 1; research note §1):
+The HSM (Antolík et al. 2016, PLOS Comput Biol 12(6): e1004927, Fig. 1 and Methods):
     image 31×31 → DoG(9 filters, linear) → Linear(int(0.2·N)) softplus → Linear(N) softplus
 with the DoG filter k over pixel grid x (column), y (row) = 0..30:
     G(a, s)(x, y) = a · exp(−((x−ux)² + (y−uy)²) / (2s)) / (2πs)     (s acts as a variance, as in the Theano
-    filter_k = G(α1, σ1) − G(α2, σ1 + σ2)                             code and NDN3; concentric centres)
+    filter_k = G(α1, σ1) − G(α2, σ1 + σ2)                             HSM's TheanoVisionModel.py and NDN3's
+                                                                      layer.py DoG layer; concentric centres)
 Bounds are enforced by clamping in the forward pass (NDN3's way): α ≥ eps, σ ∈ [1, int(0.82·31) = 25],
 centres ∈ [2, 29]. A clamped parameter gets zero gradient (the original HSM used a bounded optimiser).
 """
@@ -25,10 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import penalty
+from ndn_baselines import experiments
+from ndn_baselines.losses import penalty
 
 ALPHA_EPS = float(np.finfo(float).eps)  # NDN3: lower bound of α is float64 eps
-ACTS = {"lin": lambda x: x, "softplus": F.softplus, "relu": F.relu}
+ACTS = {"lin": lambda x: x, "softplus": F.softplus}
 
 
 # ----------------------------------------------------------------------------- per-seed initialisation
@@ -51,7 +53,7 @@ def normal_init(gens, shape, std=0.1) -> torch.Tensor:
 
 def bias_init(gens, n, kind: str) -> torch.Tensor:
     """'zeros' (bl1, bl2); 'normal' = N(0, 0.1²), what NDN3 runs for 'trunc_normal' biases (bl3, bl4: the code
-    does NOT take abs, §5.4); 'abs_normal' = |N(0, 0.1²)|, what the thesis text describes."""
+    does NOT take abs, slug trunc-normal-bias); 'abs_normal' = |N(0, 0.1²)|, what the thesis text describes."""
     if kind == "zeros":
         return torch.zeros(len(gens), n, dtype=torch.float64)
     if kind == "normal":
@@ -118,12 +120,15 @@ class DoGBank(nn.Module):
     Gaussians are concentric); `count_parameters(layout="ndn3")` counts those too. The Gaussians are separable,
     so a filter is an outer product of two 1-D profiles: 4·size exps per filter instead of 2·size².
 
-    Options reproducing the original's quirks (defaults = the paper's intent):
-    - sigma_bug: NDN3 ≥ 60c4fa2 (pinned by msc-neuro) computes the σ bounds as (1, 0) and tf.clip_by_value then
-      returns 1: both widths frozen at σ1 = 1, surround 1 + 1 = 2 (note §5.2).
-    - uy_init_bug: uy initialised as U(2, 29) + 2, so ~7% of filters start clamped at 29 (note §5.3).
-    - degenerate_bounds_bug: for a kernel of size 3 the centre bounds are (2, 1); TF clips every centre to 2, an
-      edge pixel. By default such bounds collapse to the kernel centre instead (note §5.9).
+    Options reproducing the original's quirks (defaults = the paper's intent; README "Original quirks"):
+    - sigma_bug (slug dog-sigma-bounds): from NDN3 commit 60c4fa2 (petrroll/NDN3 layer.py, 2020-10-24, pinned by
+      msc-neuro) the DoG layer computes its σ bounds from the 8-values-per-filter shape as (1, 0), and
+      tf.clip_by_value then returns 1: both widths frozen at σ1 = 1, surround 1 + 1 = 2. The thesis' bl1–bl4
+      runs (Jul–Sep 2020) predate it and used (1, 25).
+    - uy_init_bug (slug dog-uy-init): NDN3's layer.py initialises uy as U(2, 29) + 2, so ~7% of the filters start
+      clamped at 29, with zero gradient.
+    - degenerate_bounds_bug (slug convdog-degenerate-bounds): for a kernel of size 3 the centre bounds are (2, 1);
+      TF clips every centre to 2, an edge pixel. By default such bounds collapse to the kernel centre instead.
     """
 
     def __init__(self, gens, n_filters: int, size: int, sigma_bug=False, uy_init_bug=False, degenerate_bounds_bug=False):
@@ -296,7 +301,7 @@ class SepLinear(nn.Module):
 
 def same_padding(size: int, k: int, stride: int):
     """TF 'SAME': out = ceil(size/stride), total pad = max((out−1)·stride + k − size, 0), the extra pixel AFTER
-    (note §5.10; PyTorch's symmetric padding would shift the grid by one pixel for even totals)."""
+    (TensorFlow's conv2d padding='SAME'; PyTorch's symmetric padding would shift the grid by one pixel for even totals)."""
     out = -(-size // stride)
     total = max((out - 1) * stride + k - size, 0)
     return out, total // 2, total - total // 2
@@ -393,12 +398,8 @@ class SeedNet(nn.Module):
 
 ARCHS = ("hsm", "conv", "conv_dog", "ln", "lnln", "whatwhere")
 
-# Settings a model reads (main.py/experiments.py fill them from the presets and the CLI).
-MODEL_DEFAULTS = dict(
-    arch="hsm", n_dog=9, dog_act="lin", hidden_ratio=0.2, hidden_act="softplus", hidden_type="normal",
-    lin_scale=False, dropout=0.0, conv_filters=9, conv_size=7, conv_stride=0, conv_act="softplus", conv_layers=1,
-    bias_init="zeros", reg={}, dog_sigma_bug=False, dog_uy_init_bug=False, convdog_bounds_bug=False,
-)
+# The defaults of what a model reads: experiments.Settings, the one place where defaults live.
+MODEL_DEFAULTS = {k: experiments.DEFAULTS[k] for k in experiments.MODEL_KEYS}
 
 
 def hidden_units(ratio: float, n_neurons: int) -> int:
@@ -416,6 +417,8 @@ def build_model(cfg: dict, n_neurons: int, seeds, image_size: int = 31, gens=Non
     dropout after initialisation; made here if not given.
     """
     cfg = {**MODEL_DEFAULTS, **cfg}
+    if isinstance(cfg["reg"], (list, tuple)):  # "LAYER.TYPE=λ" entries, as in the settings
+        cfg["reg"] = experiments.parse_reg(cfg["reg"])
     gens = gens if gens is not None else make_generators(seeds)
     if len(gens) != len(seeds):
         raise ValueError("one generator per seed expected")
@@ -460,9 +463,9 @@ def build_model(cfg: dict, n_neurons: int, seeds, image_size: int = 31, gens=Non
     # the hidden layer (LNLN: directly on the image) and the softplus output layer
     units = hidden_units(cfg["hidden_ratio"], n_neurons)
     if cfg["hidden_type"] == "sep":
-        add(SepLinear(gens, shape, units, act=cfg["hidden_act"], bias=bias, reg=reg.get("hidden")))
+        add(SepLinear(gens, shape, units, act="softplus", bias=bias, reg=reg.get("hidden")))
     elif cfg["hidden_type"] == "normal":
-        add(Linear(gens, shape, units, act=cfg["hidden_act"], bias=bias, reg=reg.get("hidden"), dropout=cfg["dropout"]))
+        add(Linear(gens, shape, units, act="softplus", bias=bias, reg=reg.get("hidden"), dropout=cfg["dropout"]))
     else:
         raise ValueError(f"unknown hidden_type {cfg['hidden_type']!r}; expected normal|sep")
     add(Linear(gens, shape, n_neurons, act="softplus", bias=bias, reg=reg.get("out")))
@@ -480,7 +483,3 @@ def count_parameters(model: SeedNet, layout: str = "effective") -> int:
         raise ValueError("layout must be 'effective' or 'ndn3'")
     return n
 
-
-def seed_slice(model: SeedNet, i: int) -> dict:
-    """State dict of seed i alone (R = 1), e.g. to compare a stacked model with a one-seed run."""
-    return {k: v[i:i + 1].clone() for k, v in model.state_dict().items()}

@@ -1,15 +1,11 @@
 """ndn_baselines: the reader of the Antolík 2016 region files, scaling, pooling, and the synthetic writer."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.runtime import UserError  # noqa: E402
-from ndn_baselines import data  # noqa: E402
+from common.runtime import UserError
+from ndn_baselines import data
 
 SMALL = {1: dict(neurons=7, train=40, val=12, reps=5), 2: dict(neurons=4, train=30, val=12, reps=4),
          3: dict(neurons=6, train=40, val=12, reps=6)}
@@ -53,15 +49,17 @@ def test_reader_raw_scale_and_scalings(root):
     np.testing.assert_array_equal(reg.train_x, np.load(root / "region1" / "training_inputs.npy"))  # raw: untouched
     assert reg.n_neurons == 7 and reg.raw_val.shape == (5, 12, 7)
     ds = data.make_dataset([reg], "raw")
-    assert ds.train_x.max() <= data.PIXEL_MAX * (1 + 1e-12) and ds.train_mask is None
-    x6 = data.make_dataset([reg], "x1e6").train_x
+    assert ds.train.images.max() <= data.PIXEL_MAX * (1 + 1e-12) and ds.train.mask is None
+    assert ds.train.images.shape == (40, 1, 31, 31)  # rows of 961 pixels are row-major 31×31 images
+    np.testing.assert_array_equal(ds.train.images[3, 0].numpy(), reg.train_x[3].reshape(31, 31))
+    x6 = data.make_dataset([reg], "x1e6").train.images
     assert 100 < x6.max() <= 255 + 1e-9
     z = data.make_dataset([reg], "zscore")
-    assert abs(z.train_x.mean()) < 1e-10 and abs(z.train_x.std(unbiased=False) - 1) < 1e-10
+    assert abs(z.train.images.mean()) < 1e-10 and abs(z.train.images.std(unbiased=False) - 1) < 1e-10
     # validation uses the training statistics unless the msc-neuro quirk is asked for
     m, s = reg.train_x.mean(), reg.train_x.std()
-    np.testing.assert_allclose(z.val_x.numpy(), (reg.val_x - m) / s)
-    own = data.make_dataset([reg], "zscore", val_own_stats=True).val_x
+    np.testing.assert_allclose(z.val.images.flatten(1).numpy(), (reg.val_x - m) / s)
+    own = data.make_dataset([reg], "zscore", val_own_stats=True).val.images
     assert abs(own.mean()) < 1e-10
     assert 0 < ds.blocks[0]["oracle"] < ds.blocks[0]["avg_ceiling"] <= 1
 
@@ -69,12 +67,12 @@ def test_reader_raw_scale_and_scalings(root):
 def test_pooled_regions_block_masks(root):
     regs = [data.load_region(root, r) for r in (1, 2, 3)]
     ds = data.make_dataset(regs, "zscore")
-    assert ds.train_y.shape == (110, 17) and ds.val_y.shape == (36, 17)
-    m = ds.train_mask.numpy()
+    assert ds.train.responses.shape == (110, 17) and ds.val.responses.shape == (36, 17)
+    m = ds.train.mask.numpy()
     assert m[:40, :7].all() and not m[:40, 7:].any()
     assert m[40:70, 7:11].all() and not m[40:70, :7].any() and not m[40:70, 11:].any()
     assert m[70:, 11:].all() and not m[70:, :11].any()
-    assert (ds.train_y.numpy()[m == 0] == 0).all()
+    assert (ds.train.responses.numpy()[m == 0] == 0).all()
     assert [b["neurons"] for b in ds.blocks] == [slice(0, 7), slice(7, 11), slice(11, 17)]
     assert data.region_list("all") == [[1], [2], [3]] and data.region_list("pooled") == [[1, 2, 3]]
     assert data.region_list("1,2") == [[1, 2]]
