@@ -41,6 +41,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -460,21 +461,22 @@ def unit_names(experiment: str) -> list[str]:
 
 
 def mode_sweep(args, forward: list[str]):
-    """Run this shard's settings of the experiment, each as `main.py --mode train --experiment E --grid_index I`
-    in a subprocess (`--jobs` at a time), into `<output_root>/<exp>/<exp>__<i>`.
+    """Run this shard's settings of the experiment into `<output_root>/<exp>/<exp>__<i>`, each exactly as
+    `main.py --mode train --experiment E --grid_index I --run_name E__I ...` would: in this process one after the
+    other (--jobs 1), or as `--jobs` parallel subprocesses.
 
     `forward`: every flag the user gave the sweep (common.settings.explicit_argv), handed to every unit, where it
     beats the grid's value; each unit's args.json records what it used and why. A unit writes only its own folder
-    and job logs `job_logs/{o,e}_<unit>.log`, then a completion marker; a rerun skips complete units, continues
-    interrupted ones with --resume and redoes them with --overwrite. One shard (N = 1) ends with the summary;
-    with N > 1 the shards write nothing shared and `--mode summarize --experiment E` merges them.
+    and its job logs `job_logs/{o,e}_<unit>.log`, then a completion marker; a rerun skips complete units,
+    continues interrupted ones with --resume and redoes them with --overwrite. One shard (N = 1) ends with the
+    summary; with N > 1 the shards write nothing shared and `--mode summarize --experiment E` merges them.
     """
     names = unit_names(args.experiment)
     k, n = shard.parse_shard(args.shard)
     root = Path(args.output_root) / args.experiment
     mine = shard.my_units(list(enumerate(names)), (k, n))
     actions = {name: shard.prepare_unit(root / name, resume=args.resume, overwrite=args.overwrite) for _, name in mine}
-    if args.data_root is None:  # write the cache once, before the units race for it (atomic: shards may race too)
+    if args.data_root is None:  # write the cache once, before the units need it (atomic: shards may race for it)
         synthetic.ensure_synthetic(root, f"{STUDY}_{args.synthetic_kind}",
                                    lambda p: data.write_synthetic(p, kind=args.synthetic_kind))
     if args.threads == 0:  # not set: the units share this machine's cores
@@ -482,18 +484,21 @@ def mode_sweep(args, forward: list[str]):
     logs = root / "job_logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    def launch(i_name):
+    def run_unit(i_name):
         i, name = i_name
-        action = actions[name]
-        if action == "skip":
+        if actions[name] == "skip":
             print(f"{name}: complete, skipped", flush=True)
             return 0
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", "train", "--experiment", args.experiment,
-               "--grid_index", str(i), "--run_name", name, "--output_root", str(root), *forward]
-        if action == "resume":  # interrupted: continue from its last checkpoint, or redo it if it has none yet
-            cmd.append("--resume" if (root / name / "last.pt").is_file() else "--overwrite")
+        argv = ["--mode", "train", "--experiment", args.experiment, "--grid_index", str(i), "--run_name", name,
+                "--output_root", str(root), *forward]
+        if actions[name] == "resume":  # interrupted: continue from its last checkpoint, or redo it if it has none
+            argv.append("--resume" if (root / name / "last.pt").is_file() else "--overwrite")
         with open(logs / f"o_{name}.log", "w") as out, open(logs / f"e_{name}.log", "w") as err:
-            rc = subprocess.call(cmd, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            if args.jobs > 1:
+                rc = subprocess.call([sys.executable, str(Path(__file__).resolve()), *argv], stdout=out, stderr=err,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            else:
+                rc = run_in_process(argv, out, err)
         tail = (logs / f"e_{name}.log").read_text().strip().splitlines()[-1:] or [""]
         setting = experiments.EXPERIMENTS[args.experiment][i]
         print(f"{name}: {'ok' if rc == 0 else f'FAILED (exit {rc}): {tail[0]}'}  {setting}", flush=True)
@@ -502,7 +507,7 @@ def mode_sweep(args, forward: list[str]):
     print(f"sweep {args.experiment}: shard {k}/{n} runs {len(mine)} of {len(names)} settings, {args.jobs} parallel "
           f"job(s), under {root}" + (f"; forwarded to every run: {' '.join(forward)}" if forward else ""), flush=True)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        codes = list(pool.map(launch, mine))
+        codes = list(pool.map(run_unit, mine))
     failed = sum(c != 0 for c in codes)
     if failed:
         raise UserError(f"sweep {args.experiment}: {failed} of {len(mine)} runs failed; see {logs}")
@@ -512,6 +517,20 @@ def mode_sweep(args, forward: list[str]):
           f"{Path(__file__).resolve()} --mode summarize --experiment {args.experiment} --output_root "
           f"{args.output_root} --require_complete", flush=True)
     return None
+
+
+def run_in_process(argv: list[str], out, err) -> int:
+    """`main(argv)` with its output in the unit's job logs; the exit status a subprocess would have had."""
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            return 0
+        except UserError as e:
+            print(f"error: {e}", file=err, flush=True)
+            return 2
+        except Exception:  # a unit's crash is that unit's failure, reported in its log; the sweep goes on
+            traceback.print_exc(file=err)
+            return 1
 
 
 # ----------------------------------------------------------------------------- summarize mode

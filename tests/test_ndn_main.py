@@ -1,6 +1,8 @@
 """ndn_baselines: every main.py mode end to end on tiny synthetic data, how settings are decided and recorded,
 resume, sweeps as sharded job arrays and their merge, and bad input."""
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -155,7 +157,8 @@ def _metrics(unit_dir):
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory, small_root, repo_root):
-    """`tiny` swept once on one machine (A), and as two shards launched at the same time into one folder (B).
+    """`tiny` swept as two shards launched at the same time into one folder (B: subprocesses, each running its
+    units in-process), and meanwhile on one machine with its two units as parallel subprocesses (A: --jobs 2).
     Flags the old sweep dropped (--lr, --batch_size, --amp, --scaling) are given to both."""
     base = tmp_path_factory.mktemp("ndn_sweeps")
     flags = ["--mode", "sweep", "--experiment", "tiny", "--threads", "1", "--data_root", str(small_root),
@@ -163,43 +166,43 @@ def sweeps(tmp_path_factory, small_root, repo_root):
     shards = [subprocess.Popen([sys.executable, main_py(repo_root), *flags, "--output_root", str(base / "B"),
                                 "--shard", f"{k}/2"], cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True) for k in (0, 1)]
-    one = run(repo_root, [*flags, "--output_root", str(base / "A"), "--jobs", "2"])
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        ndn_main.main([*flags, "--output_root", str(base / "A"), "--jobs", "2"])
     outs = [p.communicate(timeout=300) for p in shards]
-    assert one.returncode == 0, one.stderr + one.stdout
     for p, (out, err) in zip(shards, outs):
         assert p.returncode == 0, err + out
-    return base, one.stdout, [out for out, _ in outs]
+    return base, log.getvalue(), [out for out, _ in outs]
 
 
 def test_sweep_forwards_every_flag_to_every_run(sweeps):
     base, stdout, _ = sweeps
-    for i, model in enumerate(("bl4", "ln")):
-        rec = json.loads((base / "A" / "tiny" / f"tiny__{i}" / "args.json").read_text())
-        src = rec["settings_source"]
-        assert (rec["lr"], rec["batch_size"], rec["amp"], rec["scaling"], rec["threads"]) == (0.005, 8, "bf16", "zscore", 1)
-        assert src["lr"] == src["batch_size"] == src["scaling"] == "flag"
-        assert (rec["model"], rec["epochs"], src["epochs"]) == (model, 3, f"experiment tiny #{i}")
+    for folder in ("A", "B"):
+        for i, model in enumerate(("bl4", "ln")):
+            rec = json.loads((base / folder / "tiny" / f"tiny__{i}" / "args.json").read_text())
+            src = rec["settings_source"]
+            assert (rec["lr"], rec["batch_size"], rec["amp"], rec["scaling"], rec["threads"]) == (0.005, 8, "bf16", "zscore", 1)
+            assert src["lr"] == src["batch_size"] == src["scaling"] == "flag"
+            assert (rec["model"], rec["epochs"], src["epochs"]) == (model, 3, f"experiment tiny #{i}")
     assert "forwarded to every run: " in stdout and "--lr 0.005" in stdout and "tiny__0: ok" in stdout
 
 
-def test_two_concurrent_shards_equal_the_unsharded_sweep(sweeps, repo_root):
+def test_two_concurrent_shards_equal_the_unsharded_sweep(sweeps, capsys):
     base, _, shard_outs = sweeps
     a, b = base / "A" / "tiny", base / "B" / "tiny"
     assert not (b / "summary").exists()  # a shard of N > 1 writes nothing shared...
     assert all("--mode summarize --experiment tiny" in out for out in shard_outs)  # ...and prints the merge command
     for name in ("tiny__0", "tiny__1"):
-        assert (b / name / ".complete").is_file()
+        assert (b / name / ".complete").is_file() and (b / "job_logs" / f"o_{name}.log").is_file()
         assert _metrics(b / name) == _metrics(a / name), name
-    p = run(repo_root, ["--mode", "summarize", "--experiment", "tiny", "--output_root", str(base / "B"),
-                        "--require_complete"])
-    assert p.returncode == 0, p.stderr + p.stdout
+    ndn_main.main(["--mode", "summarize", "--experiment", "tiny", "--output_root", str(base / "B"), "--require_complete"])
     merged = json.loads((b / "summary" / "summary.json").read_text())
     assert merged == json.loads((a / "summary" / "summary.json").read_text())
     assert [r["run"] for r in merged] == ["tiny__0", "tiny__1"] and {r["model"] for r in merged} == {"bl4", "ln"}
-    assert (b / "summary" / "tiny.png").is_file()
+    assert (b / "summary" / "tiny.png").is_file() and "missing" not in capsys.readouterr().out
 
 
-def test_killed_shard_reruns_only_the_missing_unit_and_merge_lists_it(tmp_path, small_root, repo_root):
+def test_killed_shard_reruns_only_the_missing_unit_and_merge_lists_it(tmp_path, small_root, repo_root, capsys):
     flags = ["--mode", "sweep", "--experiment", "tiny", "--threads", "1", "--data_root", str(small_root),
              "--epochs", "300", "--eval_every", "50", "--output_root", str(tmp_path)]
     root = tmp_path / "tiny"
@@ -209,22 +212,23 @@ def test_killed_shard_reruns_only_the_missing_unit_and_merge_lists_it(tmp_path, 
     while not ((root / "tiny__0" / ".complete").exists() and (root / "tiny__1" / "last.pt").exists()):
         assert p.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
         time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)  # the sweep and its running unit, mid-unit
+    os.killpg(p.pid, signal.SIGKILL)  # the shard, mid-unit (it runs its units in-process)
     p.wait()
     assert not (root / "tiny__1" / ".complete").exists()
     # the merge lists the missing unit (and fails with --require_complete)
-    partial = run(repo_root, ["--mode", "summarize", "--experiment", "tiny", "--output_root", str(tmp_path)])
-    assert partial.returncode == 0 and "1 of 2 runs of tiny missing or incomplete: tiny__1" in partial.stdout
+    merge = ["--mode", "summarize", "--experiment", "tiny", "--output_root", str(tmp_path)]
+    ndn_main.main(merge)
+    assert "1 of 2 runs of tiny missing or incomplete: tiny__1" in capsys.readouterr().out
     assert [r["run"] for r in json.loads((root / "summary" / "summary.json").read_text())] == ["tiny__0"]
-    strict = run(repo_root, ["--mode", "summarize", "--experiment", "tiny", "--output_root", str(tmp_path),
-                             "--require_complete"])
-    assert strict.returncode == 2 and "tiny__1" in strict.stderr
+    with pytest.raises(UserError, match="tiny__1"):
+        ndn_main.main(merge + ["--require_complete"])
     # without --resume an interrupted unit is an error; with it only the missing unit runs
-    assert run(repo_root, flags).returncode == 2
+    with pytest.raises(UserError, match="interrupted unit"):
+        ndn_main.main(flags)
     done0 = (root / "tiny__0" / "results.json").stat().st_mtime_ns
-    again = run(repo_root, [*flags, "--resume"])
-    assert again.returncode == 0, again.stderr + again.stdout
-    assert "tiny__0: complete, skipped" in again.stdout and "tiny__1: ok" in again.stdout
+    ndn_main.main([*flags, "--resume"])
+    out = capsys.readouterr().out
+    assert "tiny__0: complete, skipped" in out and "tiny__1: ok" in out
     assert (root / "tiny__0" / "results.json").stat().st_mtime_ns == done0
     assert (root / "tiny__1" / ".complete").is_file()
     assert [r["epoch"] for r in _metrics(root / "tiny__1")] == list(range(0, 301, 50))
