@@ -397,6 +397,28 @@ def site_objective(response_fn):
     return objective
 
 
+def best_natural_response(objective_fn, images, *, batch_size: int = 256, device=None) -> tuple[float, int]:
+    """(highest objective value, its index) over a set of images n × C × H × W in [0, 1], without gradients.
+
+    The yardstick of an MEI: its final objective divided by this is the ratio the lab's question asks for
+    (does the MEI excite the unit more than any natural image?). Single-channel images are repeated to RGB.
+    """
+    images = torch.as_tensor(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
+        raise UserError(f"natural images must be n × 1|3 × H × W, got shape {tuple(images.shape)}")
+    if device is None:
+        device = getattr(objective_fn, "device", None) or "cpu"
+    best, where = -math.inf, -1
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device, torch.float32)
+            out = objective_fn(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).float().reshape(len(x))
+            v, j = out.max(0)
+            if float(v) > best:
+                best, where = float(v), i + int(j)
+    return best, where
+
+
 # ----------------------------------------------------------------------------- receptive-field envelope
 
 
