@@ -70,7 +70,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ COLOR_CORRELATION_SVD_SQRT = ((0.26, 0.09, 0.02),
                               (0.27, 0.00, -0.05),
                               (0.27, -0.09, 0.03))
 
-# lucid/optvis/transform.py::standard_transforms (as (name, argument) pairs drawn by `_transform`).
+# lucid/optvis/transform.py::standard_transforms (as (name, argument) pairs applied by `transform`).
 STANDARD_SCALES = tuple(1 + (i - 5) / 50.0 for i in range(11))  # 0.90 … 1.10
 STANDARD_ANGLES = tuple(range(-10, 11)) + (0,) * 5  # whole degrees, 0° six times in 26
 TRANSFORM_CHAINS = {
@@ -269,6 +269,8 @@ def generate(objective_fn: Callable[[torch.Tensor], torch.Tensor], *, image_size
     objective applies the model's own preprocessing (normalisation, resizing) itself.
     device: where the images live (default: `objective_fn.device` if the builders below set it, else cuda if
     available, else cpu). resample_on_cpu: default True on CUDA inside `deterministic()`, else False.
+    contrast: fix each image's RMS deviation from grey (None: lucid's sigmoid bound only). weight_decay: Adam's
+    L2 on the spectrum (the lab's 1e-4). one_sided_jitter: lucent's quirk (see `one-sided-jitter` above).
     Returns dict(images=Tensor[n,3,H,W] in [0,1] (CPU), objective_trace=list[float] (mean over the batch of
     the objective on the transformed images, before each step), final_objective=Tensor[n] (CPU, on the
     final untransformed images)).
@@ -313,12 +315,13 @@ def generate(objective_fn: Callable[[torch.Tensor], torch.Tensor], *, image_size
 
     trace, t0 = [], time.perf_counter()
     for step in range(steps):
-        x = images_now()
-        if chain:
-            x = transform(x, chain, g, one_sided_jitter=one_sided_jitter,
-                          resample_device="cpu" if resample_on_cpu else None)
-        obj = objective(x)
-        (grad,) = torch.autograd.grad(-obj.sum(), [param.spectrum])  # ascend; model parameters get no .grad
+        with torch.enable_grad():  # also when the caller runs under torch.no_grad()
+            x = images_now()
+            if chain:
+                x = transform(x, chain, g, one_sided_jitter=one_sided_jitter,
+                              resample_device="cpu" if resample_on_cpu else None)
+            obj = objective(x)
+            (grad,) = torch.autograd.grad(-obj.sum(), [param.spectrum])  # ascend; model parameters get no .grad
         param.spectrum.grad = grad
         opt.step()
         trace.append(obj.detach().mean())
