@@ -25,7 +25,8 @@ Modes
   train      one model (a preset `--model`, any flag overriding it) on `--region` 1|2|3|all|pooled|1,2, with
              `--seeds` seeds in one batched model; run folder `<output_root>/<run_name>` (region suffix for 'all').
   sweep      every setting of `--experiment` (experiments.py) as runs `<exp>__<i>` under `<output_root>/<exp>/`,
-             `--jobs` in parallel; `--shard K/N|slurm|sge` runs only this shard's units.
+             one after the other in this process (`--jobs N`: N parallel subprocesses); `--shard K/N|slurm|sge`
+             runs only the units i with i mod N = K.
   summarize  50th/90th/10th percentile over seeds of the mean validation correlation, final and peak step, next
              to the noise ceilings: with --experiment, the merge of a (sharded) sweep, listing missing units;
              without, every run under `--output_root`. summary/summary.{json,csv,md} + PNG curves.
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_settings(args) -> None:
     """Decide every setting on `args` (common.settings.resolve): Settings defaults → preset → embedded short
     schedule (no --data_root) → the grid setting (--experiment/--grid_index) → the user's flags."""
-    grid = None
+    grid, grid_name = {}, f"experiment {args.experiment} #{args.grid_index}"
     if args.grid_index is not None:
         grid_list = experiments.EXPERIMENTS.get(args.experiment)
         if grid_list is None:
@@ -160,10 +161,9 @@ def resolve_settings(args) -> None:
     elif args.experiment and args.mode == "train":
         raise UserError("--mode train --experiment NAME needs --grid_index I (one setting of the grid); "
                         "--mode sweep runs them all")
-    model_source = "flag" if args.model else f"experiment {args.experiment} #{args.grid_index}" if grid else "default"
-    args.model = args.model or (grid or {}).pop("model", None) or "bl4"
-    if grid:
-        grid.pop("model", None)
+    grid_model = grid.pop("model", None)  # the grid names the preset it starts from
+    model_source = "flag" if args.model else grid_name if grid_model else "default"
+    args.model = args.model or grid_model or "bl4"
     if args.model not in experiments.PRESETS:
         raise UserError(f"--model {args.model!r}: unknown; expected one of {', '.join(experiments.PRESETS)}")
     layers = [(f"preset {args.model}", experiments.PRESETS[args.model])]
@@ -171,7 +171,7 @@ def resolve_settings(args) -> None:
         layers += [("embedded", experiments.EMBEDDED_SCHEDULE),
                    (f"embedded {args.model}", experiments.EMBEDDED_PER_PRESET.get(args.model, {}))]
     if grid:
-        layers.append((f"experiment {args.experiment} #{args.grid_index}", grid))
+        layers.append((grid_name, grid))
     settings.resolve(args, experiments.DEFAULTS, *layers)
     args.settings_source["model"] = model_source
     args.reg = list(args.reg)

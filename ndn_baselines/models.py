@@ -209,8 +209,9 @@ class DoG(nn.Module):
 class Linear(nn.Module):
     """Dense layer y = act(x·W + b), W ~ N(0, 0.1²), with NDN3's per-layer regularizers and optional dropout.
 
-    Dropout (thesis bs3_exp11) is a DROP probability here; NDN3's 'dropout' value is the KEEP probability
-    (the first exp11 runner passed drop-probabilities, so its 0 meant "drop everything"; rev 2 passed 1−p).
+    Dropout (thesis bs3_exp11; slug dropout-keep-prob) is a DROP probability here; NDN3's 'dropout' value is the
+    KEEP probability (msc-neuro's first bs3_exp11 runner passed drop-probabilities, so its 0 meant "drop
+    everything"; bs3_exp11_2 passed 1−p).
     As in NDN3 it acts on the layer's outputs with one mask per minibatch (noise_shape [1, units]) and scales
     the kept units by 1/(1−p); each seed draws its mask from its own generator.
     """
