@@ -89,6 +89,11 @@ def ensure_synthetic_tiny_c(cache_root, tiny_root, corruptions=None, max_per_cla
     return synthetic.ensure_synthetic(cache_root, name, writer)
 
 
+def corruption_cell(c_root, corruption: str, severity: int, classes):
+    """One Tiny-ImageNet-C cell, root/<corruption>/<severity>/<wnid>/*.JPEG, labelled with the training classes."""
+    return datasets.ImageFolderDataset(Path(c_root) / corruption / str(severity), corruption_transform(), classes)
+
+
 def iter_corruptions(c_root, classes, corruptions=None):
     """(corruption, severity, dataset) over a Tiny-ImageNet-C tree, labelled with the training classes."""
     return datasets.iter_tiny_imagenet_c(c_root, transform=corruption_transform(), classes=classes,

@@ -44,91 +44,87 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler  # noqa: E402
 
-from common import checkpoint, datasets, metrics, plots, runtime  # noqa: E402
+from common import checkpoint, datasets, metrics, plots, runtime, settings, shard  # noqa: E402
 from common.runtime import UserError  # noqa: E402
+from v1_constrained import analysis, robustness  # noqa: E402
 from v1_constrained import data as v1data  # noqa: E402
 from v1_constrained.models import (DOG_FORMS, MODEL_TYPES, POLAR_VARIANTS, TUNED_CENTERS,  # noqa: E402
-                                   LocallyConnected2d, build_model, count_parameters, lc_broadcast,
-                                   remap_release_keys, replace_head)
+                                   LocallyConnected2d, build_model, count_parameters, lc_broadcast, replace_head)
 
-REPO = Path(__file__).resolve().parents[1]
-MODES = ("train", "validate", "finetune", "benchmark", "eval_c")
+MODES = ("train", "validate", "finetune", "benchmark", "eval_c", "v1_props")
 
-# Flags left unset take the paper's value with --data_root, the embedded schedule without it.
-PAPER = dict(num_epochs=100, batch_size=128, lr=0.1, lr_step_milestones=[60, 80], save_freq=10,
-             iteration_verbosity=100, num_workers=16)
+# Settings resolve in one place (parse_args): DEFAULTS, then the paper's schedule (with --data_root) or the
+# embedded short schedule (without), then the user's flags. DEFAULTS are the release's main.py defaults, which its
+# readme calls "the ones used in the paper".
+DEFAULTS = dict(epochs=100, batch_size=128, lr=0.1, lr_step_milestones=[60, 80], gamma=0.1, momentum=0.9,
+                weight_decay=1e-5, save_freq=10, log_every=100, num_workers=16)
+PAPER = dict(epochs=100, batch_size=128, lr=0.1, lr_step_milestones=[60, 80], save_freq=10, log_every=100,
+             num_workers=16)
 # Embedded: ResNet50 from scratch on 600 synthetic images must beat chance within ~2-3 CPU minutes: small
 # batches give many steps, and lr 0.002 avoids the loss spikes of lr >= 0.01 at batch 8-16 (no warmup).
-EMBEDDED = dict(num_epochs=3, batch_size=8, lr=0.002, lr_step_milestones=[2], save_freq=3,
-                iteration_verbosity=25, num_workers=0)
+EMBEDDED = dict(epochs=3, batch_size=8, lr=0.002, lr_step_milestones=[2], save_freq=3, log_every=25,
+                num_workers=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--mode", choices=MODES, default="train", help="train from scratch, validate a checkpoint, finetune "
-      "(linear probe with a new head), benchmark (speed/memory JSON line) or eval_c (Tiny-ImageNet-C)")
+      "(linear probe with a new head), benchmark (speed/memory JSON line), eval_c (Tiny-ImageNet-C robustness) "
+      "or v1_props (V1 tuning properties from synthetic gratings)")
+    settings.add_shared_flags(p, help={
+        "epochs": "paper 100; embedded 3; the release's --num_epochs", "batch_size": "paper 128; embedded 8",
+        "lr": "initial SGD learning rate: paper 0.1; embedded 0.002",
+        "log_every": "batches; paper 100; embedded 25; the release's --iteration_verbosity",
+        "data_root": "ImageNet root (train/, val/ in class folders) or Tiny-ImageNet root (wnids.txt, train/, val/ "
+                     "as shipped)", "output_root": "default runs/v1_constrained/<mode> in the repo",
+        "resume": "eval_c: continue interrupted cells"},
+        aliases={"epochs": ["--num_epochs"], "log_every": ["--iteration_verbosity"]})
     a("--dataset", choices=("imagenet", "tinyimagenet"), default=None,
       help="layout of --data_root (default: tinyimagenet if DATA_ROOT/wnids.txt exists, else imagenet)")
-    a("--data_root", default=None, help="ImageNet root (train/, val/ in class folders) or Tiny-ImageNet root "
-      "(wnids.txt, train/, val/ as shipped). Omit it to run on embedded synthetic Tiny-ImageNet data")
     a("--model_type", choices=MODEL_TYPES, default="resnet50_composite_a", help="architecture (the release's names)")
-    a("--model_path", default=None, help="checkpoint to validate / fine-tune from / warm-start training from "
-      "(ours or the release's; a release cortical-magnification checkpoint is remapped)")
-    a("--output_root", default=None, help="run folder (default: runs/v1_constrained/<mode> in the repo)")
+    a("--model_path", default=None, help="checkpoint to validate / fine-tune from / warm-start training from / "
+      "evaluate (ours or the release's; a release cortical-magnification checkpoint is remapped)")
     a("--cache_root", default=None, help="where the embedded synthetic data is cached (default: --output_root)")
-    a("--num_epochs", type=int, default=None, help="epochs (paper 100; embedded 3)")
-    a("--batch_size", type=int, default=None, help="batch size per process (paper 128; embedded 8)")
-    a("--lr", type=float, default=None, help="initial SGD learning rate (paper 0.1; embedded 0.002)")
     a("--lr_step_milestones", type=int, nargs="+", default=None,
       help="epochs at which MultiStepLR multiplies the lr by --gamma (paper 60 80; embedded 2)")
-    a("--gamma", type=float, default=0.1, help="MultiStepLR factor")
-    a("--momentum", type=float, default=0.9, help="SGD momentum")
-    a("--weight_decay", type=float, default=1e-5, help="SGD weight decay")
+    a("--gamma", type=float, default=None, help="MultiStepLR factor (0.1)")
+    a("--momentum", type=float, default=None, help="SGD momentum (0.9)")
+    a("--weight_decay", type=float, default=None, help="SGD weight decay (1e-5)")
     a("--save_freq", type=int, default=None, help="write epoch_{e}.pt when (e+1) %% save_freq == 0 (paper 10; embedded 3)")
-    a("--iteration_verbosity", "--log_every", dest="iteration_verbosity", type=int, default=None,
-      help="progress line (loss, img/s, ETA) every N batches (paper 100; embedded 25)")
     a("--num_workers", type=int, default=None, help="DataLoader workers (paper 16; embedded 0)")
-    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    a("--seed", type=int, default=0, help="seed for init, data order and augmentation (reseeded every epoch)")
-    a("--resume", action="store_true", help="continue the run in --output_root from its last.pt (exactly)")
-    a("--overwrite", action="store_true", help="replace an existing run in --output_root")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--amp", choices=("bf16", "fp16", "off"), default="bf16",
-      help="autocast on CUDA: bf16 (default), fp16 with GradScaler (the release), off. CPU is always fp32")
     a("--dog_form", choices=DOG_FORMS, default="textbook", help="DoG kernel: textbook = true centre-surround "
-      "(unit-mass Gaussians); original = the release's sigma/pi precedence bug (single-signed kernels)")
+      "(unit-mass Gaussians); original = the release's dog-sigma-precedence bug (sigma/pi, single-signed kernels)")
     a("--polar_variant", choices=POLAR_VARIANTS, default="release",
       help="cortical magnification: release (reflect-pad angles) or brainscore (LPP49: also pad radii)")
     a("--tuned_center", choices=TUNED_CENTERS, default="opposite", help="tuned norm: opposite = the release's "
-      "distance matrix (strongest inhibition from the opposite channel); self = circular distance")
-    a("--finetune_bn_drift", action="store_true", help="finetune with the backbone in train() mode, so BN "
-      "statistics (and Dropout2d) keep changing as in the release; default freezes them")
+      "distance matrix (strongest inhibition from the opposite channel; the scored model); self = circular distance")
+    a("--finetune_bn_drift", action="store_true", help="finetune-bn-drift: finetune with the backbone in train() "
+      "mode, so BN statistics (and Dropout2d) keep changing as in the release; default freezes them")
     a("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
     small = p.add_argument_group("small-schedule flags (tests, smoke runs)")
     small.add_argument("--limit_train_batches", type=int, default=None, help="at most N training batches per epoch")
-    small.add_argument("--limit_val_batches", type=int, default=None, help="at most N validation batches per process")
-    bench = p.add_argument_group("benchmark / eval_c")
+    small.add_argument("--limit_val_batches", type=int, default=None, help="at most N validation batches per "
+                       "process (eval_c: per cell)")
+    bench = p.add_argument_group("benchmark")
     bench.add_argument("--bench_batch_size", type=int, default=None, help="benchmark batch (default 128 on CUDA, 8 on CPU)")
     bench.add_argument("--bench_iters", type=int, default=None, help="timed iterations (default 20 on CUDA, 3 on CPU)")
-    bench.add_argument("--c_root", default=None, help="Tiny-ImageNet-C root <corruption>/<1..5>/<wnid>/ (eval_c)")
-    bench.add_argument("--corruptions", nargs="+", default=None, help="eval_c: only these corruptions")
+    robustness.add_flags(p)
+    analysis.add_flags(p)
+    shard.add_shard_flags(p)
     return p
 
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.embedded = args.data_root is None
-    for k, v in (EMBEDDED if args.embedded else PAPER).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    settings.resolve(args, DEFAULTS, ("embedded", EMBEDDED) if args.embedded else ("paper", PAPER))
     if args.output_root is None:
-        args.output_root = str(REPO / "runs" / "v1_constrained" / args.mode)
+        args.output_root = settings.default_output_root("v1_constrained", args.mode)
     if args.cache_root is None:
         args.cache_root = args.output_root
-    for k in ("num_epochs", "batch_size", "save_freq", "iteration_verbosity"):
-        if getattr(args, k) < 1:
-            raise UserError(f"--{k} must be ≥ 1, got {getattr(args, k)}")
+    settings.check_positive(args, "epochs", "batch_size", "save_freq", "log_every")
+    runtime.set_threads(args.threads)
     return args
 
 
@@ -163,11 +159,9 @@ def make_loader(ds, args, dist, device, train: bool, epoch: int = 0):
 
 
 def load_checkpoint_model(args, path):
-    """Build --model_type with the checkpoint's head size and load it (ours or the release's format)."""
+    """Build --model_type with the checkpoint's head size and load it with common.checkpoint (ours or the release's
+    format: V1ResNet50.load_state_dict remaps the release's Sequential cortical-magnification keys)."""
     ckpt = checkpoint.load_checkpoint(path)
-    sd = ckpt.get("model", ckpt.get("state_dict", ckpt))
-    if not isinstance(sd, dict) or not sd:
-        raise UserError(f"checkpoint {path} holds no model state_dict")
     ck_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     ck_type = ck_args.get("model_type")
     if ck_type is not None and ck_type != args.model_type:
@@ -177,15 +171,12 @@ def load_checkpoint_model(args, path):
             raise UserError(f"checkpoint {path} was trained with --{flag} {ck_args[flag]}; pass the same flag")
     if ck_args and "dog_form" not in ck_args and args.dog_form != "original":
         print(f"note: {path} looks like a release checkpoint; pass --dog_form original to reproduce it", flush=True)
-    sd = remap_release_keys(checkpoint.clean_state_dict(sd))
-    if "fc.weight" not in sd:
+    sd = ckpt.get("model", ckpt.get("state_dict", ckpt))
+    head = remap_release_keys(checkpoint.clean_state_dict(sd)).get("fc.weight") if isinstance(sd, dict) else None
+    if not isinstance(head, torch.Tensor) or head.dim() != 2:
         raise UserError(f"checkpoint {path} has no fc.weight: not a {args.model_type} checkpoint")
-    model = new_model(args, sd["fc.weight"].shape[0])
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        msg = " ".join(line.strip() for line in str(e).splitlines()[:3])[:500]
-        raise UserError(f"checkpoint {path} does not fit --model_type {args.model_type}: {msg}") from None
+    model = new_model(args, head.shape[0])
+    checkpoint.load_model_weights(model, path, strict=True)  # reads the file again: its errors name the path
     return model, ckpt
 
 
@@ -210,11 +201,11 @@ def prepare_for_device(model, args, device, dist):
 # ----------------------------------------------------------------------------- one epoch
 
 
-def train_epoch(run, raw, loader, optimizer, scaler, args, device, dist, epoch, n_batches):
+def train_epoch(run, loader, optimizer, scaler, args, device, dist, epoch, n_batches):
     # finetune: the backbone is frozen, and by default so are its BN statistics (eval mode); the release
-    # leaves the model in train() so running means/vars drift (--finetune_bn_drift reproduces that).
+    # leaves the model in train() so running means/vars drift (finetune-bn-drift; --finetune_bn_drift keeps it).
     run.train(not (args.mode == "finetune" and not args.finetune_bn_drift))
-    progress = runtime.Progress(n_batches, args.iteration_verbosity, prefix=f"epoch {epoch}", enabled=dist.is_main)
+    progress = runtime.Progress(n_batches, args.log_every, prefix=f"epoch {epoch}", enabled=dist.is_main)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen, done = 0, 0
@@ -232,7 +223,7 @@ def train_epoch(run, raw, loader, optimizer, scaler, args, device, dist, epoch, 
         loss_sum += loss.detach().double() * len(y)
         correct += (out.detach().argmax(1) == y).sum()
         seen, done = seen + len(y), done + 1
-        if (i + 1) % args.iteration_verbosity == 0 or i + 1 == n_batches:
+        if (i + 1) % args.log_every == 0 or i + 1 == n_batches:
             progress.update(len(y), loss=loss.item())
         else:
             progress.update(len(y))
@@ -295,24 +286,10 @@ def open_rundir(args, dist) -> checkpoint.RunDir:
     return rd
 
 
-def save_best(rd: checkpoint.RunDir, state: dict):
-    """best_model_acc.pt (the release's name) and best.pt (the kit's name) as one file, two links."""
-    rd.save("best_model_acc.pt", state)
-    if rd.is_main:
-        tmp = rd.path / ".best.pt.link"
-        if tmp.exists():
-            tmp.unlink()
-        try:
-            os.link(rd.path / "best_model_acc.pt", tmp)
-        except OSError:
-            checkpoint.save_checkpoint(tmp, state)
-        os.replace(tmp, rd.path / "best.pt")
-
-
 def linear_probe(model, n_classes: int):
     """Fine-tuning as in the paper: a new `n_classes`-way head, everything else frozen. Selected by module
     (`model.fc`), so it works for every model type — the release matched the name 'resnet50_polar' and so
-    froze every parameter of the cortical-magnification model (bug 1)."""
+    froze every parameter of the cortical-magnification model (finetune-freezes-polar)."""
     replace_head(model, n_classes)
     for name, prm in model.named_parameters():
         prm.requires_grad = name.startswith("fc.")
@@ -346,7 +323,7 @@ def fit(args, dist, device):
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.amp == "fp16")
     start_epoch, step, best = 0, 0, -1.0
     state = rd.resume_state() if args.resume else None
-    if state is not None:  # exact resume: model, optimizer, scheduler, scaler, counters (release bug 5)
+    if state is not None:  # exact resume: model, optimizer, scheduler, scaler, counters (resume-restarts-schedule)
         if state.get("args", {}).get("model_type") != args.model_type or state.get("args", {}).get("mode") != args.mode:
             raise UserError(f"{args.output_root}/last.pt is a {state.get('args', {}).get('mode')} run of "
                             f"{state.get('args', {}).get('model_type')}; pass the same --mode and --model_type")
@@ -365,13 +342,13 @@ def fit(args, dist, device):
               f"world size {dist.world_size}", flush=True)
     t_start = time.perf_counter()
     val = None
-    for epoch in range(start_epoch, args.num_epochs):
+    for epoch in range(start_epoch, args.epochs):
         runtime.seed_everything(args.seed + 1000 * epoch + dist.rank)  # resume at an epoch == never stopping
         loader = make_loader(train_ds, args, dist, device, train=True, epoch=epoch)
         n_batches = min(len(loader), args.limit_train_batches or len(loader))
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        train_loss, train_acc, ips, nb = train_epoch(run, raw, loader, optimizer, scaler, args, device, dist, epoch, n_batches)
+        train_loss, train_acc, ips, nb = train_epoch(run, loader, optimizer, scaler, args, device, dist, epoch, n_batches)
         step += nb
         val = evaluate(raw, make_loader(val_ds, args, dist, device, train=False), args, device, dist, args.limit_val_batches)
         scheduler.step()
@@ -384,14 +361,14 @@ def fit(args, dist, device):
                   f"top5 {val['valid_top5']:.4f} | {ips:.1f} img/s", flush=True)
         new_best = val["valid_acc"] >= best
         best = max(best, val["valid_acc"])
-        # the release's checkpoint keys (current_epoch, valid_loss, valid_acc, model, optimizer, lr_scheduler)
-        # plus the kit's (epoch = next epoch to run, scheduler, scaler, rng, ...)
+        # the kit's keys, each named once (epoch = the next epoch to run; the release's current_epoch and
+        # lr_scheduler duplicates are gone) plus the release's valid_loss / valid_acc
         state = checkpoint.training_state(
             raw, optimizer, scheduler, scaler, epoch=epoch + 1, step=step, best_metric=best, args=vars(args),
-            current_epoch=epoch, valid_loss=val["valid_loss"], valid_acc=val["valid_acc"], device=str(device),
-            lr_scheduler=scheduler.state_dict(), model_type=args.model_type, num_classes=n_classes)
-        if new_best:
-            save_best(rd, state)
+            valid_loss=val["valid_loss"], valid_acc=val["valid_acc"], model_type=args.model_type,
+            num_classes=n_classes)
+        if new_best:  # best.pt, and best_model_acc.pt (the release's name) as a hard link to it
+            rd.save_best(state, also=("best_model_acc.pt",))
         if (epoch + 1) % args.save_freq == 0:
             rd.save(f"epoch_{epoch}.pt", state)
         rd.save("last.pt", state)
@@ -406,7 +383,7 @@ def fit(args, dist, device):
     last = rows[-1] if rows else (val or {})
     results = {"mode": args.mode, "model_type": args.model_type, "dataset": dataset, "data_root": root,
                "embedded_data": args.embedded, "num_classes": n_classes, "chance_acc": 1 / n_classes,
-               "epochs_run": args.num_epochs - start_epoch, "best_valid_acc": best,
+               "epochs_run": args.epochs - start_epoch, "best_valid_acc": best,
                "final_valid_acc": last.get("valid_acc"), "final_valid_top5": last.get("valid_top5"),
                "final_train_acc": last.get("train_acc"), "params_total": total, "params_trainable": trainable,
                "wall_time_s": time.perf_counter() - t_start, "world_size": dist.world_size}
@@ -419,7 +396,8 @@ def fit(args, dist, device):
 
 def model_to_evaluate(args, n_classes: int, root) -> torch.nn.Module:
     """validate / eval_c: the --model_path checkpoint, built with its own head size and then loaded (the release
-    swapped the head *after* loading, so fine-tuned 200-way checkpoints could not be evaluated: bug 3). Without
+    swapped the head *after* loading, so fine-tuned 200-way checkpoints could not be evaluated: head-swap-after-load).
+    Without
     --model_path on the embedded data, a randomly initialised model (a demo of the mode)."""
     if args.model_path is not None:
         model, _ = load_checkpoint_model(args, args.model_path)
@@ -454,39 +432,83 @@ def validate(args, dist, device):
 
 
 def eval_c(args, dist, device):
-    """Tiny-ImageNet-C: top-1 per (corruption, severity) → tinyimagenetc_results.csv (the release's columns)
-    plus the mean over cells (the release computes none)."""
+    """Tiny-ImageNet-C: the units (clean val accuracy, then every corruption x severity cell; order and files in
+    robustness.py) of this shard, each evaluated into its own folder, then — unsharded or --merge_only — the merge:
+    the release's CSV, results.json (means, CE/mCE/relative mCE vs --baseline_results), the heatmap."""
     if dist.enabled:
-        raise UserError("--mode eval_c runs in one process (no torchrun)")
+        raise UserError("--mode eval_c runs in one process per shard (no torchrun; use --shard K/N to split it)")
+    if args.compare:
+        return robustness.compare(args, args.compare)
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    k, n = shard.parse_shard(args.shard)
     if args.data_root is None:
         tiny = v1data.ensure_synthetic_tiny(args.cache_root)
-        c_root = args.c_root or v1data.ensure_synthetic_tiny_c(args.cache_root, tiny, args.corruptions,
-                                                               max_per_class=2)
-        classes = datasets.read_wnids(tiny)
+        c_root = args.c_root or v1data.ensure_synthetic_tiny_c(args.cache_root, tiny, args.corruptions, max_per_class=2)
     else:
         if args.c_root is None:
             raise UserError("--mode eval_c needs --c_root (the Tiny-ImageNet-C root)")
-        c_root, classes = args.c_root, datasets.read_wnids(args.data_root)
-    model = model_to_evaluate(args, len(classes), c_root)
-    rd = open_rundir(args, dist)
-    _, raw = prepare_for_device(model, args, device, dist)
-    rows = []
-    for corruption, severity, ds in v1data.iter_corruptions(c_root, classes, args.corruptions):
-        val = evaluate(raw, make_loader(ds, args, dist, device, train=False), args, device, dist, args.limit_val_batches)
-        rows.append((corruption, severity, val["valid_acc"]))
-        rd.log({"corruption_type": corruption, "difficulty": severity, **val})
-        print(f"{corruption} severity {severity}: top-1 {val['valid_acc']:.4f} ({val['n_valid']} images)", flush=True)
-    table = metrics.corruption_table(rows)
-    mean_acc = metrics.mean_corrupted_accuracy(table)
-    with open(rd.path / "tinyimagenetc_results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["corruption_type", "difficulty", "valid_acc"])
-        w.writerows(rows)
-    res = {"mode": "eval_c", "model_type": args.model_type, "c_root": str(c_root), "model_path": args.model_path,
-           "mean_corrupted_acc": mean_acc, "table": table}
-    rd.write_results(res)
-    print(json.dumps({"mean_corrupted_acc": mean_acc, "cells": len(rows)}), flush=True)
-    return res
+        tiny, c_root = Path(args.data_root), Path(args.c_root)
+    classes = datasets.read_wnids(tiny)
+    units, gaps = robustness.plan(c_root, args.corruptions, args.severities, args.allow_partial)
+    out = Path(args.output_root)
+    if (out / "args.json").is_file() and json.loads((out / "args.json").read_text()).get("mode") != "eval_c":
+        raise UserError(f"{out} holds a run of another mode; choose another --output_root")
+    if n == 1 and not args.merge_only:
+        checkpoint.write_json(out / "args.json", vars(args))  # a shared file: only the unsharded run writes it
+    todo = []
+    if not args.merge_only:
+        for u in shard.my_units(units, (k, n)):
+            if shard.prepare_unit(robustness.unit_dir(out, u), resume=args.resume, overwrite=args.overwrite) != "skip":
+                todo.append(u)
+        print(f"eval_c shard {k}/{n}: {len(shard.my_units(units, (k, n)))} of {len(units)} units, {len(todo)} to "
+              f"run (the others are complete)", flush=True)
+    if todo:
+        model = model_to_evaluate(args, len(classes), c_root)
+        _, raw = prepare_for_device(model, args, device, dist)
+        for u in todo:
+            c, sev = robustness.split_unit(u)
+            ds = v1data.load_split("tinyimagenet", tiny, "val") if c is None else \
+                v1data.corruption_cell(c_root, c, sev, classes)
+            t0 = time.perf_counter()
+            val = evaluate(raw, make_loader(ds, args, dist, device, train=False), args, device, dist,
+                           args.limit_val_batches)
+            robustness.write_unit(out, u, {**val, "wall_time_s": time.perf_counter() - t0}, args)
+            print(f"{u}: top-1 {val['valid_acc']:.4f} ({val['n_valid']} images)", flush=True)
+    if n > 1 and not args.merge_only:
+        print(f"shard {k}/{n} done; merge the shards with the same flags plus --merge_only", flush=True)
+        return {"shard": [k, n], "units_run": todo}
+    return robustness.merge(args, units, gaps, c_root, tiny)
+
+
+def v1_props(args):
+    """V1 tuning properties of --model_type's --layer units from synthetic gratings (analysis.py)."""
+    if args.compare:
+        return analysis.compare(args, args.compare, lambda spec: model_for_analysis(args, spec))
+    model, label = model_for_analysis(args, None)
+    rd = checkpoint.RunDir(args.output_root, vars(args), resume=False, overwrite=args.overwrite)
+    return analysis.run(args, model, label, rd)
+
+
+def model_for_analysis(args, spec):
+    """(model, label) for v1_props: spec None → --model_path (or a random model without it); a model type name →
+    that architecture, randomly initialised; a file → its checkpoint (model type from its args)."""
+    if spec is None:
+        if args.model_path is not None:
+            return load_checkpoint_model(args, args.model_path)[0], f"{args.model_type} ({Path(args.model_path).name})"
+        print(f"no --model_path: v1_props of a randomly initialised {args.model_type}", flush=True)
+        runtime.seed_everything(args.seed)
+        return new_model(args, 1000), f"{args.model_type} (random init)"
+    if spec in MODEL_TYPES:
+        runtime.seed_everything(args.seed)
+        return new_model(argparse.Namespace(**{**vars(args), "model_type": spec}), 1000), f"{spec} (random init)"
+    if not Path(spec).is_file():
+        raise UserError(f"--compare {spec}: neither a model type ({', '.join(MODEL_TYPES[:3])}, ...), a checkpoint "
+                        f"file, nor a v1_props run folder")
+    ck_args = checkpoint.load_checkpoint(spec).get("args") or {}
+    sub = argparse.Namespace(**{**vars(args), "model_type": ck_args.get("model_type", args.model_type),
+                                **{k: ck_args[k] for k in ("dog_form", "polar_variant", "tuned_center") if k in ck_args}})
+    return load_checkpoint_model(sub, spec)[0], f"{sub.model_type} ({Path(spec).name})"
 
 
 def benchmark(args):
@@ -519,12 +541,12 @@ def benchmark(args):
             opt.step()
 
         sec = runtime.time_fn(step, device, warmup=warmup, iters=iters)
-        out = bs / sec, runtime.peak_memory_mb(device)
+        out = bs / sec, runtime.peak_memory_mb(device), count_parameters(model)[0]
         del model, run, opt
         return out
 
-    base_ips, base_mem = train_speed("resnet50")
-    ips, mem = train_speed(args.model_type)
+    base_ips, base_mem, base_params = train_speed("resnet50")
+    ips, mem, params = train_speed(args.model_type)
     # LocallyConnected2d at the shape it has in layer1: (bs, 64, 16, 16), fp32 for both forms
     lc = LocallyConnected2d(64, 64, 16).to(device)
     x = torch.randn(bs, 64, 16, 16, device=device, requires_grad=True)
@@ -545,8 +567,9 @@ def benchmark(args):
     mem_naive = runtime.peak_memory_mb(device)
     res = {"mode": "benchmark", "device": str(device), "model_type": args.model_type, "batch_size": bs,
            "image_size": 64, "iters": iters, "amp": args.amp if cuda else "off", "compile": args.compile,
-           "train_images_per_s": round(ips, 2), "peak_mem_mb": round(mem, 1),
-           "baseline": "resnet50", "baseline_train_images_per_s": round(base_ips, 2),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "params_total": params,
+           "train_images_per_s": round(ips, 2), "peak_mem_mb": round(mem, 1), "baseline": "resnet50",
+           "baseline_params_total": base_params, "baseline_train_images_per_s": round(base_ips, 2),
            "baseline_peak_mem_mb": round(base_mem, 1), "throughput_ratio": round(ips / base_ips, 3),
            "lc_shape": [bs, 64, 16, 16], "lc_fast_ms": round(t_fast * 1e3, 3), "lc_naive_ms": round(t_naive * 1e3, 3),
            "lc_speedup": round(t_naive / t_fast, 2), "lc_fast_peak_mem_mb": round(mem_fast, 1),
@@ -559,8 +582,11 @@ def benchmark(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    settings.print_settings(args)
     if args.mode == "benchmark":
         return benchmark(args)
+    if args.mode == "v1_props":
+        return v1_props(args)
     dist = runtime.setup_distributed(args.device)
     try:
         device = runtime.dist_device(dist, args.device)

@@ -423,6 +423,10 @@ class V1ResNet50(ResNet):
                 self.layer1[i].conv2 = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False),
                                                      DoGLayer(16, k=2, form=dog_form))
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also accepts the release's Sequential cortical-magnification keys (remapped, see remap_release_keys)."""
+        return super().load_state_dict(remap_release_keys(state_dict), strict=strict, assign=assign)
+
     def stem(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
         return self.lpp(x) if self.use_polar else self.maxpool(x)
