@@ -316,7 +316,8 @@ def fit_gradient(readout: Readout, x_train: torch.Tensor, y_train: torch.Tensor,
         idx = perm[pos:pos + min(batch_size, n)]
         pos += len(idx)
         readout.train()
-        xb, yb = x_train[idx.to(x_train.device)].to(dev, torch.float32), y_train[idx.to(y_train.device)].to(dev)
+        xb = x_train[idx.to(x_train.device)].to(dev, readout.bias.dtype)  # features may be stored in fp16
+        yb = y_train[idx.to(y_train.device)].to(dev, readout.bias.dtype)
         pred = readout(xb)
         fit_term = data_loss(pred, yb, groups, loss)
         total = fit_term + penalty(readout, groups, coefs, quirks)
@@ -324,10 +325,10 @@ def fit_gradient(readout: Readout, x_train: torch.Tensor, y_train: torch.Tensor,
         total.backward()
         opt.step()
         step += 1
-        progress.update(len(idx), loss=float(fit_term))
+        progress.update(len(idx), loss=float(fit_term.detach()))
         if step % eval_every == 0 or step == max_steps:
             r = metrics.corr(predict(readout, x_val), y_val.cpu())
-            row = {"step": step, "train_loss": float(fit_term), "total_loss": float(total)}
+            row = {"step": step, "train_loss": float(fit_term.detach()), "total_loss": float(total.detach())}
             for gi, g in enumerate(groups):
                 score = float(np.mean(r[g.cpu().numpy()]))
                 row[f"val_corr_{gi}"] = score
@@ -352,11 +353,11 @@ def fit_gradient(readout: Readout, x_train: torch.Tensor, y_train: torch.Tensor,
 
 @torch.no_grad()
 def predict(readout: torch.nn.Module, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Eval-mode predictions [n, N] (float32, CPU) of a feature tensor, in chunks."""
+    """Eval-mode predictions [n, N] (the readout's dtype, CPU) of a feature tensor, in chunks."""
     was = readout.training
     readout.eval()
-    dev = next(readout.parameters()).device
-    out = torch.cat([readout(x[i:i + chunk].to(dev, torch.float32)).float().cpu() for i in range(0, len(x), chunk)])
+    p = next(readout.parameters())
+    out = torch.cat([readout(x[i:i + chunk].to(p.device, p.dtype)).cpu() for i in range(0, len(x), chunk)])
     readout.train(was)
     return out
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from common import metrics
+from common.runtime import UserError
 from cortex_readouts import backbones, models
 
 
@@ -34,11 +35,10 @@ def test_layer_shapes_every_named_layer(name):
 
 
 def test_weights_file_loads_and_truncated_backbone_matches_torchvision(tmp_path):
-    import torchvision
-
     torch.manual_seed(1)
-    ref = torchvision.models.vgg19(weights=None)
-    torch.save(ref.state_dict(), tmp_path / "vgg19.pth")
+    ref = backbones._vgg19_features()  # torchvision's VGG-19 'features' (cfg E), keys features.N.*
+    sd = {**ref.state_dict(), "classifier.6.weight": torch.zeros(2, 2)}  # the classifier is never run: ignored
+    torch.save(sd, tmp_path / "vgg19.pth")
     bb, tag = backbones.build_backbone("vgg19", str(tmp_path / "vgg19.pth"), 32)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -46,6 +46,9 @@ def test_weights_file_loads_and_truncated_backbone_matches_torchvision(tmp_path)
         got = bb(x, ["features.10"])["features.10"]
     torch.testing.assert_close(got, want)
     assert tag.startswith("vgg19-")
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="does not fit"):
+        backbones.build_backbone("vgg19", str(tmp_path / "bad.pth"), 32)
 
 
 def test_dense_readout_equals_einsum_reference():
@@ -126,22 +129,26 @@ def test_bn_momentum_mapping():
 
 
 def _planted(n=700, c=8, h=7, w=7, seed=0):
-    """Features with a planted factorised readout: electrode k pools a 3 × 3 patch at a known position."""
+    """Features with a planted factorised readout OF THE READOUT'S OWN INPUT (BN → ReLU of the features):
+    electrode k pools a 3 × 3 patch at a known position."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, c, h, w, generator=g)
+    x = torch.rand(n, c, h, w, generator=g) * torch.rand(1, c, 1, 1, generator=g) * 3
+    mean, var = models.channel_stats(x.numpy(), np.arange(500))
+    front = models.BashivanReadout(c, h, w, 1)
+    front.set_norm_stats(mean.float(), var.float())
+    z = front.front(x)
     rf = [(1, 1), (5, 2), (3, 5), (2, 4)]
     mask = torch.zeros(len(rf), h, w)
     for k, (i, j) in enumerate(rf):
         mask[k, i - 1:i + 2, j - 1:j + 2] = 1
     feat_w = torch.randn(len(rf), c, generator=g)
-    y = torch.einsum("nchw,khw,kc->nk", x, mask, feat_w)
+    y = torch.einsum("nchw,khw,kc->nk", z, mask, feat_w)
     y = y + 0.1 * y.std(0) * torch.randn(y.shape, generator=g)
-    return x, y, rf
+    return x, y, rf, mean, var
 
 
 def test_planted_factorised_readout_recovered():
-    x, y, rf = _planted()
-    mean, var = models.channel_stats(x.numpy(), np.arange(500))
+    x, y, rf, mean, var = _planted()
     ro = models.BashivanReadout(8, 7, 7, 4)
     ro.set_norm_stats(mean.float(), var.float())
     coefs = models.coefficient_vectors("bashivan", "paper", ["V1"] * 4, {"smooth": 1e-3, "l1": 1e-3, "l2": 1e-4})
@@ -232,10 +239,16 @@ def test_best_layer_is_the_planted_one():
     planted = {"site_a": "features.5", "site_b": "features.28"}
     g = torch.Generator().manual_seed(0)
     ys = []
-    for layer in planted.values():
-        f = feats[layer].flatten(1)
-        f = (f - f.mean(0)) / (f.std(0) + 1e-6)
-        y = f @ torch.randn(f.shape[1], 3, generator=g)
+    for layer in planted.values():  # 3 electrodes per site, each a spatial average of 4 channels of BN → ReLU
+        f = feats[layer]
+        mean, var = models.channel_stats(f.numpy(), np.arange(200))
+        front = models.CadenaReadout(*f.shape[1:], 1)
+        front.set_norm_stats(mean.float(), var.float())
+        z = front.front(f).mean((2, 3))
+        w = torch.zeros(z.shape[1], 3)
+        for k in range(3):
+            w[torch.randperm(z.shape[1], generator=g)[:4], k] = torch.rand(4, generator=g) + 0.5
+        y = z @ w
         ys.append(y + 0.3 * y.std(0) * torch.randn(y.shape, generator=g))
     y = torch.cat(ys, 1)
     tr, va = slice(0, 200), slice(200, 260)
