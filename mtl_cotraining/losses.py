@@ -107,14 +107,15 @@ def neural_loss(pred, target, kind: str, weighting: LossWeighting | None, task: 
     return pl, pl.detach()
 
 
-def readout_penalty(model, gamma: float, loss_kind: str, n_elements: int) -> torch.Tensor:
-    """gamma·Σ|features| of all readouts (legacy Gaussian2d `feature_l1`, gamma_readout 0.5 in the recipes).
+def readout_penalty(readout, gamma: float, summed: bool, n_elements: int) -> torch.Tensor:
+    """gamma·Σ|features| of one session's readout (legacy Gaussian2d `feature_l1`, gamma_readout 0.5 in the
+    recipes), added to that session's batches.
 
     The original adds it only when `scale_loss` is on, i.e. never in the co-training recipes (which leave
     scale_loss off) — a silent omission reproduced by `--omit_readout_l1` (slug readout-l1-omitted).
-    Against a summed loss (Poisson) the penalty is added as is; against an element-mean loss (MSE, NB) it is
-    divided by the number of averaged elements (batch × neurons), so it keeps its strength relative to the data
+    Against a summed loss (the Poisson loss) the penalty is added as is; against an element-mean loss (MSE, NB) it
+    is divided by the number of averaged elements (batch × neurons), so it keeps its strength relative to the data
     term.
     """
-    l1 = model.readout_l1()
-    return gamma * l1 if loss_kind == "poisson_sum" else gamma * l1 / max(n_elements, 1)
+    l1 = readout.l1()
+    return gamma * l1 if summed else gamma * l1 / max(n_elements, 1)
