@@ -51,9 +51,9 @@ SYNTHETIC_NAME = "tvsd_synthetic_v1"
 DEFAULTS = dict(epochs=20, batch_size=64, lr=None, log_every=100, eval_every=100, patience=10, image_size=224,
                 max_map=28, array_size=64, val_fraction=0.1, workers=8)
 PAPER = {}
-# Embedded: 360 + 40 images of 64 px, 16 arrays × 4 electrodes; maps pooled to 8 × 8 so the 16-layer VGG-19
+# Embedded: 360 + 40 images of 64 px, 16 arrays × 4 electrodes; maps pooled to 6 × 6 so the 16-layer VGG-19
 # sweep of three readouts stays within ~3 CPU minutes.
-EMBEDDED = dict(epochs=12, batch_size=32, log_every=0, eval_every=20, patience=3, image_size=64, max_map=8,
+EMBEDDED = dict(epochs=10, batch_size=32, log_every=0, eval_every=20, patience=3, image_size=64, max_map=6,
                 array_size=4, val_fraction=0.2, workers=0)
 LR = {"cadena": 1e-4, "bashivan": 1e-3}
 LR_EMBEDDED = {"cadena": 1e-3, "bashivan": 1e-2}
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="sweep", help="train one (layer, readout) on the sites; sweep "
                    "every layer × readout (units, shardable); heatmap = merge a sweep's units into tables and "
                    "heatmaps; benchmark = one JSON line; mei = most exciting images of trained models")
-    settings.add_shared_flags(p, help={"epochs": "max passes over the training images; paper 20, embedded 12",
+    settings.add_shared_flags(p, help={"epochs": "max passes over the training images; paper 20, embedded 10",
                                        "batch_size": "paper 64, embedded 32",
                                        "lr": "Adam; default per readout: cadena 1e-4, bashivan 1e-3 (embedded 1e-3 / 1e-2)",
                                        "log_every": "steps; 0 = only evaluation lines",
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None, help="image-loading processes (paper 8, embedded 0)")
     f = p.add_argument_group("features and fitting")
     f.add_argument("--image_size", type=int, default=None, help="backbone input size (224 as the repo; embedded 64)")
-    f.add_argument("--max_map", type=int, default=None, help="average-pool maps larger than this (paper 28, embedded 8)")
+    f.add_argument("--max_map", type=int, default=None, help="average-pool maps larger than this (paper 28, embedded 6)")
     f.add_argument("--eval_every", type=int, default=None, help="validation every N steps (paper 100, embedded 20)")
     f.add_argument("--patience", type=int, default=None, help="stop an array after N evaluations without gain")
     shard.add_shard_flags(p)
@@ -117,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's electrodes) instead of the whole site")
     b.add_argument("--mei_steps", type=int, default=None, help="mei: optimisation steps (default 512; embedded 40)")
     b.add_argument("--mei_images", type=int, default=4, help="mei: images per objective")
-    b.add_argument("--sweep_root", default=None, help="mei: the sweep folder (default: runs/cortex_readouts/sweep)")
+    b.add_argument("--sweep_root", default=None, help="mei: the sweep folder, or a --mode train run folder "
+                   "(default: runs/cortex_readouts/sweep)")
+    b.add_argument("--rf_envelope", action="store_true", help="mei: restrict Bashivan MEIs to a Gaussian fitted "
+                   "to the chosen electrodes' mean spatial mask")
     return p
 
 
@@ -489,6 +492,136 @@ def mode_benchmark(args, device):
     return out
 
 
+# ----------------------------------------------------------------------------- most exciting images
+
+
+def trained_models(args) -> list[tuple[Path, dict]]:
+    """The (folder, checkpoint) of every trained model chosen by --backbone/--readout/--layer under --sweep_root
+    (a sweep folder with units/, or a --mode train run folder with best.pt)."""
+    root = Path(args.sweep_root)
+    if (root / "best.pt").is_file():
+        paths = [root / "best.pt"]
+    elif (root / "units").is_dir():
+        paths = [unit_dir(root, u) / "best.pt" for u in sweep_units(args)]
+        paths = [p for p in paths if shard.is_complete(p.parent)] if args.layer is None else paths
+    else:
+        raise UserError(f"--sweep_root {root}: no trained model there (expected best.pt of --mode train, or a "
+                        f"sweep folder with units/)")
+    out = []
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"no trained model at {p} (run --mode sweep for it, or pick another --layer/--readout)")
+        ck = checkpoint.load_checkpoint(p)
+        if "readout_config" not in ck or "layer" not in ck:
+            raise UserError(f"{p} is not a cortex_readouts model checkpoint (no readout_config/layer)")
+        out.append((p.parent, ck))
+    if not out:
+        raise UserError(f"--sweep_root {root}: no complete unit of the chosen --backbone/--readout/--layer")
+    return out
+
+
+def image_grid(images: torch.Tensor, min_size: int = 128, gap: int = 4) -> "Image.Image":
+    """A row of images [n, 3, H, W] in [0, 1] as one PIL image (nearest upscaling to ≥ min_size px)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    k = max(1, -(-min_size // h))
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    grid = Image.new("RGB", (n * w * k + (n - 1) * gap, h * k), "white")
+    for i in range(n):
+        grid.paste(Image.fromarray(arr[i]).resize((w * k, h * k), Image.NEAREST), (i * (w * k + gap), 0))
+    return grid
+
+
+def mode_mei(args, device):
+    """MEIs of every chosen (layer, site) model: objective = mean predicted response of the site's electrodes
+    (or of --electrodes), cortex_readouts/mei.py's generator; compared with the highest predicted response of
+    any natural image of the dataset (from the feature cache)."""
+    from cortex_readouts import mei
+
+    models_ = trained_models(args)
+    rd = checkpoint.RunDir(args.output_root, _plain_args(args), resume=False, overwrite=args.overwrite)
+    out_dir = rd.path / "meis"
+    out_dir.mkdir(exist_ok=True)
+    steps = args.mei_steps or (40 if args.embedded else mei.PRESETS["lucent"]["steps"])
+    records, data_cache = [], {}
+    for folder, ck in models_:
+        train_args = argparse.Namespace(**{**vars(args), **{k: v for k, v in ck["args"].items() if k in (
+            "data_root", "cache_root", "monkey", "array_size", "reliab_threshold", "image_list", "image_root",
+            "val_fraction", "seed", "embedded", "image_size", "max_map", "weights", "workers", "amp")}})
+        train_args.sites = ck["args"].get("sites", ["arrays", "areas"])
+        sites = {k: torch.tensor(v, dtype=torch.long) for k, v in ck["sites"].items()}
+        explicit = args.sites != build_parser().get_default("sites")
+        chosen = pick_sites(sites, args.sites, folder) if explicit else sites
+        readout = models.readout_from_config(ck["readout_config"])
+        readout.load_state_dict(ck["model"])
+        bb, _ = backbones.build_backbone(ck["backbone"], ck["weights"], ck["image_size"], ck["seed"])
+        model = backbones.ResponseModel(bb, ck["layer"], readout, ck["max_map"]).to(device)
+        n_el = readout.n
+        # the highest response to a natural image: the readout on the dataset's cached features (fp16)
+        key = (train_args.data_root, ck["backbone"])
+        if key not in data_cache:
+            d = open_data(train_args)
+            data_cache[key] = (d, *feature_folder(train_args, d, ck["backbone"], device)[::2])
+        d, bb_feat, feat_dir = data_cache[key]
+        ensure_features(train_args, d, bb_feat, feat_dir, [ck["layer"]], device)
+        feats = torch.from_numpy(np.asarray(backbones.load_features(feat_dir, ck["layer"])))
+        natural = models.predict(readout.to(device), feats).float()
+        targets = [(f"electrodes{'-'.join(map(str, args.electrodes))}", torch.tensor(args.electrodes))] \
+            if args.electrodes else list(chosen.items())
+        for name, idx in targets:
+            if len(idx) == 0:
+                print(f"{folder.name} {name}: no electrodes, skipped", flush=True)
+                continue
+            if int(idx.max()) >= n_el or int(idx.min()) < 0:
+                raise UserError(f"--electrodes {args.electrodes}: the model at {folder} has electrodes 0..{n_el - 1}")
+            objective = mei.electrode_objective(model, idx.tolist())
+            envelope = None
+            if args.rf_envelope and isinstance(readout, models.BashivanReadout):
+                c, h, w = readout.shape
+                envelope = mei.fit_rf_envelope(readout.mask.detach().abs()[idx].mean(0).reshape(h, w).cpu(),
+                                               ck["image_size"])
+            t0 = time.perf_counter()
+            res = mei.generate(objective, image_size=ck["image_size"], n_images=args.mei_images, steps=steps,
+                               lr=mei.PRESETS["lucent"]["lr"], seed=args.seed, device=device, rf_envelope=envelope,
+                               log_every=max(1, steps // 4), log_prefix=f"mei {ck['layer']} {name}")
+            best_nat = float(natural[:, idx].mean(1).max())
+            pred = res["final_objective"]
+            stem = f"{ck['backbone']}_{ck['readout_config']['kind']}_{ck['layer']}_{name}"
+            np.save(out_dir / f"{stem}.npy", res["images"].numpy())
+            image_grid(res["images"]).save(out_dir / f"{stem}.png")
+            rec = {"backbone": ck["backbone"], "readout": ck["readout_config"]["kind"], "layer": ck["layer"],
+                   "site": name, "electrodes": idx.tolist(), "model": str(folder), "steps": steps,
+                   "seed": args.seed, "image_size": ck["image_size"], "rf_envelope": envelope is not None,
+                   "predicted_response": pred.tolist(), "predicted_response_max": float(pred.max()),
+                   "best_natural_response": best_nat,
+                   "ratio": float(pred.max()) / best_nat if best_nat > 0 else None,
+                   "exceeds_natural": bool(float(pred.max()) > best_nat),
+                   "objective_first_last": [res["objective_trace"][0], res["objective_trace"][-1]] if steps else None,
+                   "seconds": round(time.perf_counter() - t0, 2), "png": f"meis/{stem}.png", "npy": f"meis/{stem}.npy"}
+            records.append(rec)
+            print(f"mei {stem}: predicted {rec['predicted_response_max']:.3f} vs best natural {best_nat:.3f} "
+                  f"(ratio {rec['ratio'] if rec['ratio'] is None else round(rec['ratio'], 2)})", flush=True)
+    checkpoint.write_json(rd.path / "meis.json", records)
+    rd.write_results({"mode": "mei", "n_meis": len(records), "meis": "meis.json",
+                      "fraction_exceeding_natural": float(np.mean([r["exceeds_natural"] for r in records]))
+                      if records else None})
+    print(f"wrote {len(records)} MEI(s) to {out_dir} and {rd.path / 'meis.json'}", flush=True)
+    return records
+
+
+def pick_sites(sites: dict, spec, folder) -> dict:
+    """The model's sites named by --sites (exact names, arrayK, an area, 'arrays', 'areas')."""
+    out = {}
+    for tok in spec:
+        hits = {k: v for k, v in sites.items() if k == tok or k.startswith(tok + "_")
+                or (tok == "arrays" and k.startswith("array")) or (tok == "areas" and k in data.AREAS)}
+        if not hits:
+            raise UserError(f"--sites {tok!r}: not a site of the model at {folder} (its sites: {', '.join(sites)})")
+        out.update(hits)
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     runtime.set_threads(args.threads)
@@ -503,7 +636,7 @@ def main(argv=None):
         return mode_heatmap(args, device)
     if args.mode == "benchmark":
         return mode_benchmark(args, device)
-    raise UserError("--mode mei needs cortex_readouts/mei.py, which is not in this copy of the kit")
+    return mode_mei(args, device)
 
 
 if __name__ == "__main__":

@@ -63,20 +63,15 @@ def torch_momentum(tf_decay: float) -> float:
 def laplace_sq(maps: torch.Tensor, kernel: torch.Tensor, padding: int = 0) -> torch.Tensor:
     """Squared Laplacian response per map: maps [..., H, W] → Σ_xy (kernel ∗ map)² with shape [...].
     Valid convolution by default (a constant map gives 0 with the +4 kernel); maps smaller than 3 × 3 give 0.
-    Written as a sum of shifted slices (5 non-zero taps): on CPU this is ~30× faster than conv2d over tens of
-    thousands of single-channel 8 × 8 maps, and it is the same cross-correlation F.conv2d computes."""
-    if padding:
-        maps = F.pad(maps, (padding,) * 4)
-    h, w = maps.shape[-2:]
-    if h < 3 or w < 3:
-        return maps.new_zeros(maps.shape[:-2])
-    out = 0
-    for i in range(3):
-        for j in range(3):
-            k = float(kernel[i, j])
-            if k:
-                out = out + k * maps[..., i:i + h - 2, j:j + w - 2]
-    return out.square().sum((-2, -1))
+    One depthwise convolution (the second-to-last leading axis as channels): on CPU ~10× faster than a batch of
+    single-channel maps, which matters because this runs on every weight of every electrode at every step."""
+    lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
+    if padding == 0 and (h < 3 or w < 3):
+        return maps.new_zeros(lead)
+    c = lead[-1] if len(lead) else 1
+    x = maps.reshape(-1, c, h, w)
+    out = F.conv2d(x, kernel.to(maps).expand(c, 1, 3, 3), padding=padding, groups=c)
+    return out.square().sum((-2, -1)).reshape(lead)
 
 
 # ----------------------------------------------------------------------------- readouts
