@@ -172,7 +172,8 @@ def make_dataset(regions: list[Region], scaling: str, val_own_stats: bool = Fals
     """Scale each region's inputs and pool the regions (one region: no masks).
 
     z-score: by default the validation inputs use the TRAINING mean/std (the intent: one fixed preprocessing);
-    `val_own_stats=True` reproduces msc-neuro, which z-scores the validation array with its own statistics.
+    `val_own_stats=True` reproduces msc-neuro, which z-scores the validation array with its own statistics (slug
+    zscore-val-own-stats).
     Pooling (thesis exp11/12, bs3_exp4/9): images are concatenated; every image has responses only for its own
     region's neurons, so outputs are widened with zeros and a 0/1 mask (block diagonal) excludes the rest from
     the loss and from the correlations.

@@ -660,6 +660,7 @@ def main(argv=None):
         for name, why in NOT_FOR_SWEEP.items():
             if getattr(args, name) != parser.get_default(name):
                 raise UserError(f"--{name} cannot apply to a sweep ({why})")
+        settings.check_positive(args, "jobs")
         if args.region == "all":
             raise UserError("--region all cannot apply to a sweep (a unit is one run): use 1, 2, 3, pooled or 1,2")
         unit_names(args.experiment)
