@@ -398,7 +398,7 @@ def neural_counts(n_images: int, ratio, original_fraction: bool = False) -> list
     gives 3 neural batches per 10 image batches. `original_fraction` reproduces neural_cotraining's
     `(i + 1) % (1 / ratio) == 0`, which never fires when 1/ratio is not an integer (k = 0.3 → no neural batch;
     slug fraction-ratio)."""
-    k = Fraction(ratio)
+    k = ratio if isinstance(ratio, Fraction) else Fraction(str(ratio))  # "0.3" exactly, not its binary float
     if original_fraction and k.numerator != 0 and k < 1:
         inv = 1 / float(k)
         return [1 if ((i + 1) % inv) == 0 else 0 for i in range(n_images)]
