@@ -377,7 +377,7 @@ def train(args, device):
                     x, y = to_device(batch[0], device), batch[1].to(device)
                     logits = run(x, task="image")
                     loss, ce = losses.classification_loss(logits, y, weighting)
-                    sums["ce"] += ce.item() * len(y)
+                    sums["ce"] += ce.item() * len(y)  # plain CE: the original logged the weighted loss (slug logged-loss-weighted)
                     sums["n_img"] += len(y)
                     sums["correct"] += metrics.topk_correct(logits.detach(), y, (1,))[1]
                 else:

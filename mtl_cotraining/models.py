@@ -46,7 +46,7 @@ class Gaussian2dReadout(nn.Module):
     @torch.no_grad()
     def init_bias(self, mean_response: torch.Tensor) -> None:
         # The original takes the mean of one random training batch (a seed-dependent init); the mean over the whole
-        # training set is the quantity that batch estimates.
+        # training set is the quantity that batch estimates (slug bias-init-random-batch).
         self.bias.copy_(torch.as_tensor(mean_response, dtype=self.bias.dtype))
 
     def grid(self, batch: int, sample: bool) -> torch.Tensor:

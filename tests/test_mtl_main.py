@@ -1,0 +1,143 @@
+"""mtl_cotraining/main.py end to end: every mode as a subprocess on the embedded synthetic data (tiny schedules),
+resume, the mCE of a model against itself, the co-training targets read back, and bad input → exit 2."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtl_cotraining import data
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = str(REPO / "mtl_cotraining" / "main.py")
+SMALL = ["--epochs", 1, "--limit_train_batches", 2, "--limit_eval_batches", 1, "--log_every", 1, "--device", "cpu"]
+
+
+def run(args, check=True, timeout=600):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, MAIN, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("mtl_cache")
+
+
+@pytest.fixture(scope="module")
+def trained(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mtl_train") / "run"
+    p = run(["--task", "mtl", "--mode", "train", "--cache_root", cache, "--output_root", out, *SMALL])
+    return out, p
+
+
+def test_train_writes_run_folder(trained):
+    out, p = trained
+    assert "writing embedded synthetic data" in p.stdout and "settings:" in p.stdout
+    for f in ("args.json", "metrics.csv", "metrics.jsonl", "last.pt", "best.pt", "results.json",
+              "figures/learning_curves.png"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "results.json").read_text())
+    assert res["task"] == "mtl" and res["params_shared_core"] == 556_608 and res["n_classes"] == 5
+    assert 0 <= res["test_acc"] <= 1 and -1 <= res["neural_test"]["corr"] <= 1 and "feve" in res["neural_test"]
+    ck = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert set(ck["loss_weighting"]) == {"s.img_classification", "s.v1"}  # the learned weights are checkpointed
+    assert ck["model_meta"]["sessions"] == {"sim1": 24, "sim2": 24} and ck["epoch"] == 2
+    args = json.loads((out / "args.json").read_text())
+    assert args["settings_source"]["lr"] == "embedded" and args["settings_source"]["momentum"] == "paper"
+
+
+def test_resume_and_refuse_overwrite(trained, cache):
+    out, _ = trained
+    p = run(["--mode", "train", "--cache_root", cache, "--output_root", out, *SMALL], check=False)
+    assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
+    run(["--mode", "train", "--cache_root", cache, "--output_root", out, *SMALL, "--epochs", 2, "--resume"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["step"] == 4
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mtl_eval") / "run"
+    run(["--mode", "evaluate", "--checkpoint", trained[0] / "best.pt", "--cache_root", cache, "--output_root", out,
+         "--corruptions", "gaussian_noise", "contrast", "--severities", 1, 5, "--noise_levels", 0, 0.5,
+         "--limit_eval_batches", 1, "--device", "cpu"])
+    return out
+
+
+def test_evaluate(evaluated):
+    res = json.loads((evaluated / "results.json").read_text())
+    assert set(res["c_table"]) == {"gaussian_noise", "contrast"} and set(res["c_table"]["contrast"]) == {"1", "5"}
+    cells = [a for v in res["c_table"].values() for a in v.values()]
+    assert res["mean_corrupted_acc"] == pytest.approx(np.mean(cells))
+    assert len(res["noise_acc"]) == 2 and res["noise_acc"][0] == pytest.approx(res["clean_acc"])  # std 0 = clean
+    assert -1 <= res["neural_test"]["corr"] <= 1
+    assert (evaluated / "figures" / "corruption_accuracy.png").is_file()
+
+
+def test_evaluate_against_baseline_gives_mce_100_for_itself(trained, evaluated, cache, tmp_path):
+    run(["--mode", "evaluate", "--checkpoint", trained[0] / "best.pt", "--cache_root", cache,
+         "--output_root", tmp_path / "e2", "--corruptions", "gaussian_noise", "contrast", "--severities", 1, 5,
+         "--noise_levels", 0, 0.5, "--limit_eval_batches", 1, "--device", "cpu",
+         "--baseline_results", evaluated / "results.json"])
+    res = json.loads((tmp_path / "e2" / "results.json").read_text())
+    assert res["mce"] == pytest.approx(100.0)
+    assert all(v == pytest.approx(100.0) for v in res["corruption_errors"].values())
+
+
+def test_predict_targets_read_back(trained, cache, tmp_path):
+    out = tmp_path / "targets"
+    run(["--mode", "predict_targets", "--checkpoint", trained[0] / "best.pt", "--cache_root", cache,
+         "--output_root", out, "--limit_images", 6, "--device", "cpu"])
+    sets = data.read_sessions(out, split_seed=1000)
+    assert sorted(sets) == ["sim1", "sim2"]
+    s = sets["sim1"]
+    assert s["train"].n_images + s["validation"].n_images == 6 and s["test"].n_images == 6
+    from mtl_cotraining.main import build_parser, model_from_checkpoint
+    model, _ = model_from_checkpoint(trained[0] / "best.pt", build_parser().parse_args([]))
+    model.eval()
+    with torch.no_grad():
+        pred = model(data.to_input(s["test"].images), task="neural", session="sim1")
+    assert torch.allclose(pred, s["test"].responses, rtol=1e-4, atol=1e-5)  # the targets are the predictions
+
+
+def test_neural_task_trains(cache, tmp_path):
+    run(["--task", "neural", "--mode", "train", "--cache_root", cache, "--output_root", tmp_path / "n", *SMALL])
+    res = json.loads((tmp_path / "n" / "results.json").read_text())
+    args = json.loads((tmp_path / "n" / "args.json").read_text())
+    assert res["monitor"] == "valid_corr" and "test_acc" not in res and "corr" in res["neural_test"]
+    assert args["neural_loss"] == "poisson" and args["scale_loss"] == "on" and args["loss_weighting"] == "off"
+
+
+def test_benchmark_json_line():
+    p = run(["--mode", "benchmark", "--bench_iters", 1, "--bench_batch_size", 2, "--device", "cpu"])
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["mtl_images_per_s"] > 0 and res["image_images_per_s"] > 0
+    assert res["mtl_vs_image_throughput_ratio"] == pytest.approx(res["mtl_images_per_s"] / res["image_images_per_s"],
+                                                                 rel=0.01)
+
+
+def test_bad_input_exits_2(tmp_path, cache):
+    p = run(["--task", "image", "--mode", "train", "--data_root", tmp_path / "nope", "--output_root", tmp_path / "o"],
+            check=False)
+    assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
+    p = run(["--mode", "train", "--ratio", "abc", "--output_root", tmp_path / "o"], check=False)
+    assert p.returncode == 2 and "--ratio" in p.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    p = run(["--mode", "evaluate", "--checkpoint", junk, "--cache_root", cache, "--output_root", tmp_path / "e"],
+            check=False)
+    assert p.returncode == 2 and "junk.pt" in p.stderr
+    evil = tmp_path / "evil"
+    (evil / "neuronal_data").mkdir(parents=True)
+    (evil / "neuronal_data" / "s.pickle").write_bytes(pickle.dumps({"training_responses": Path("x")}))
+    p = run(["--task", "neural", "--mode", "train", "--neural_root", evil, "--output_root", tmp_path / "n"], check=False)
+    assert p.returncode == 2 and "not allowed" in p.stderr and not (tmp_path / "n").exists()
