@@ -1,6 +1,5 @@
 """v1_constrained/analysis.py (--mode v1_props): the grating generator and the V1 property formulas against hand-built
 units with known answers (Gabor filters at known orientations, DoG vs Gaussian units, linear vs energy units)."""
-import json
 import math
 
 import numpy as np

@@ -292,6 +292,29 @@ def test_embedded_default_learns_above_chance_and_every_mode_runs_on_it(tmp_path
                                                                       for s in range(1, 6)]
 
 
+# ----------------------------------------------------------------------------- v1_props
+
+
+def test_v1_props_runs_and_compares(tmp_path):
+    """v1_props as a user runs it (no data needed: the stimuli are generated), small: quick protocol, 8 units; then
+    --compare of that run folder with another architecture side by side."""
+    out = tmp_path / "props"
+    p = run(["--mode", "v1_props", "--model_type", "resnet50", "--protocol", "quick", "--n_units", 8, "--device", "cpu",
+             "--output_root", out])
+    res = json.loads((out / "v1_props.json").read_text())
+    assert res["layer"] == "layer1" and res["n_units"] == 8 and len(res["units"]["ssi"]) == 8
+    assert res["summary"]["units_kept"]["orientation"] <= 8 and "preferred_orientation_histogram" in res["summary"]
+    for f in ("v1_circular_variance.png", "v1_ssi.png", "v1_f1_f0.png", "v1_preferred_orientation.png"):
+        assert (out / "figures" / f).is_file(), f
+    assert "circular variance" in p.stdout
+    cmp = v1main.main([str(a) for a in ("--mode", "v1_props", "--compare", out, "resnet50_center_surround",
+                                        "--protocol", "quick", "--n_units", 8, "--device", "cpu",
+                                        "--output_root", tmp_path / "cmp")])
+    assert cmp["models"] == ["resnet50 (random init)", "resnet50_center_surround (random init)"]
+    assert cmp["table"]["ssi median"]["resnet50 (random init)"] == res["summary"]["ssi"].get("median")
+    assert (tmp_path / "cmp" / "compare.md").is_file() and (tmp_path / "cmp" / "figures" / "v1_ssi.png").is_file()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -308,3 +331,12 @@ def test_bad_input_exits_2(tree, tmp_path, trained):
              "--output_root", tmp_path / "z", *fast(tree)], check=False)
     assert p.returncode == 2 and "is a resnet50_composite_a model" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "z").exists()
+    p = run(["--mode", "eval_c", "--data_root", tree, "--c_root", tmp_path / "nope", "--output_root", tmp_path / "c"],
+            check=False)
+    assert p.returncode == 2 and "nope is not a folder" in p.stderr and "Traceback" not in p.stderr
+    p = run(["--mode", "eval_c", "--data_root", tree, "--c_root", tree, "--shard", "slurm", "--output_root",
+             tmp_path / "c"], check=False)
+    assert p.returncode == 2 and "SLURM_ARRAY_TASK_ID" in p.stderr
+    p = run(["--mode", "v1_props", "--unit_position", "99,0", "--model_type", "resnet50", "--device", "cpu",
+             "--output_root", tmp_path / "v"], check=False)
+    assert p.returncode == 2 and "outside layer1's 16x16 map" in p.stderr and "Traceback" not in p.stderr

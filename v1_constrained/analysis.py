@@ -196,7 +196,6 @@ def circular_variance(curve, angles_deg) -> float:
 
 def orientation_bandwidth(curve, angles_deg):
     """(bandwidth °, preferred orientation 0..179) from the hanning-smoothed, 3x-tiled, spline-fit curve."""
-    n = len(curve)
     k = np.hanning(5)[1:-1]
     k = k / k.sum()
     smooth = sum(w * np.roll(curve, s) for w, s in zip(k, (-1, 0, 1)))
@@ -425,9 +424,17 @@ def _print_summary(res: dict) -> None:
           f"SSI {med('ssi'):.3f} (≥ 0.1: {s['ssi']['fraction_ge_0.1']}) | F1/F0 {med('f1_f0'):.2f}", flush=True)
 
 
-def run(args, model, label: str, rd) -> dict:
+def run_dir(args, create: bool):
+    """The run folder's checks first (an existing run is never overwritten without --overwrite), created only
+    once the analysis has succeeded, so a bad flag leaves nothing behind."""
+    return checkpoint.RunDir(args.output_root, vars(args), resume=False, overwrite=args.overwrite, is_main=create)
+
+
+def run(args, model, label: str) -> dict:
     device = runtime.choose_device(args.device)
+    run_dir(args, create=False)
     res = analyse(model, label, args, device)
+    rd = run_dir(args, create=True)
     checkpoint.write_json(rd.path / "v1_props.json", res)
     figures(rd.path / "figures", [res])
     rd.write_results({"mode": "v1_props", "model": label, "summary": res["summary"]})
@@ -439,7 +446,7 @@ def compare(args, specs: list, load_model) -> dict:
     """Several models side by side: each spec a v1_props run folder (its v1_props.json), a checkpoint or a model
     type; writes v1_props_compare.json, compare.csv / compare.md (medians, fractions, counts) and the figures."""
     device = runtime.choose_device(args.device)
-    rd = checkpoint.RunDir(args.output_root, vars(args), resume=False, overwrite=args.overwrite)
+    run_dir(args, create=False)
     results = []
     for spec in specs:
         if Path(spec).is_dir():
@@ -451,6 +458,7 @@ def compare(args, specs: list, load_model) -> dict:
             model, label = load_model(spec)
             results.append(analyse(model, label, args, device))
             _print_summary(results[-1])
+    rd = run_dir(args, create=True)
     labels = [r["model"] for r in results]
     rows = [("units kept (orientation/sf/size)", ["/".join(str(v) for v in r["summary"]["units_kept"].values())
                                                   for r in results])]

@@ -7,7 +7,8 @@ Brain-Score preprocessing uses the same 64 px, mean/std 0.5).
     train: RandomResizedCrop(224) → Resize(64, 64) → HorizontalFlip → ToTensor → Normalize(0.5, 0.5)
     val:   Resize(256) → CenterCrop(224) → Resize(64, 64) → ToTensor → Normalize(0.5, 0.5)
 - Tiny-ImageNet root/wnids.txt, train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt
-  (read as shipped, or already reorganised into val/<wnid>/ — the release silently needs the latter)
+  (read as shipped, or already reorganised into val/<wnid>/ — tiny-val-relayout: the release silently needs the
+  latter, else ImageFolder sees one class)
     train: HorizontalFlip → ToTensor → Normalize;  val: Resize(64, 64) → ToTensor → Normalize
 - Tiny-ImageNet-C root/<corruption>/<1..5>/<wnid>/*.JPEG: ToTensor → Normalize (the release's eval script)
 

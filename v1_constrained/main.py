@@ -14,9 +14,15 @@ Usage (from the repo root or from inside v1_constrained/):
       --model_type resnet50_composite_a --model_path runs/composite_a/best_model_acc.pt --output_root runs/a_tiny
   python v1_constrained/main.py --mode validate --dataset tinyimagenet --data_root /data/tiny-imagenet-200 \
       --model_type resnet50_composite_a --model_path runs/a_tiny/best_model_acc.pt --output_root runs/a_tiny_val
-  # Tiny-ImageNet-C: accuracy per (corruption, severity) + mean
+  # Tiny-ImageNet-C: clean + 75 cells, means, CE/mCE vs a baseline run, heatmap (--shard K/N|slurm|sge splits
+  # the cells over a job array; --merge_only merges them; --compare RUN... tabulates runs side by side)
   python v1_constrained/main.py --mode eval_c --data_root /data/tiny-imagenet-200 --c_root /data/Tiny-ImageNet-C \
-      --model_type resnet50_composite_a --model_path runs/a_tiny/best_model_acc.pt --output_root runs/a_c
+      --model_type resnet50_composite_a --model_path runs/a_tiny/best_model_acc.pt --output_root runs/a_c \
+      --baseline_results runs/resnet50_c/results.json
+
+  # V1 tuning properties of layer1 units from synthetic gratings (no data needed); several models side by side
+  python v1_constrained/main.py --mode v1_props --model_type resnet50_composite_a --model_path runs/a/best.pt
+  python v1_constrained/main.py --mode v1_props --compare runs/resnet50/best.pt runs/a/best.pt
 
   # N GPUs (DDP; --batch_size is per process; validation counts every image exactly once)
   torchrun --nproc_per_node=8 v1_constrained/main.py --mode train --data_root /data/imagenet ...
@@ -25,15 +31,14 @@ Usage (from the repo root or from inside v1_constrained/):
   python v1_constrained/main.py --mode benchmark --model_type resnet50_composite_a
 
 On CUDA: bf16 autocast (--amp fp16 adds a GradScaler, as the release), channels_last, cudnn.benchmark,
-optional --compile. Checkpoints: best_model_acc.pt (+ best.pt, a hard link), epoch_{e}.pt every
---save_freq epochs (e 0-indexed, as the release), last.pt after every epoch for exact --resume.
+optional --compile. Checkpoints: best.pt (+ best_model_acc.pt, the release's name, a hard link), epoch_{e}.pt
+every --save_freq epochs (e 0-indexed, as the release), last.pt after every epoch for exact --resume.
+README.md in this folder: modes, data, flags, the release bugs fixed, measured results.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -49,7 +54,8 @@ from common.runtime import UserError  # noqa: E402
 from v1_constrained import analysis, robustness  # noqa: E402
 from v1_constrained import data as v1data  # noqa: E402
 from v1_constrained.models import (DOG_FORMS, MODEL_TYPES, POLAR_VARIANTS, TUNED_CENTERS,  # noqa: E402
-                                   LocallyConnected2d, build_model, count_parameters, lc_broadcast, replace_head)
+                                   LocallyConnected2d, build_model, count_parameters, lc_broadcast,
+                                   remap_release_keys, replace_head)
 
 MODES = ("train", "validate", "finetune", "benchmark", "eval_c", "v1_props")
 
@@ -98,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--polar_variant", choices=POLAR_VARIANTS, default="release",
       help="cortical magnification: release (reflect-pad angles) or brainscore (LPP49: also pad radii)")
     a("--tuned_center", choices=TUNED_CENTERS, default="opposite", help="tuned norm: opposite = the release's "
-      "distance matrix (strongest inhibition from the opposite channel; the scored model); self = circular distance")
+      "distance matrix (tuned-norm-opposite: strongest inhibition from the opposite channel; the scored model); "
+      "self = circular distance")
     a("--finetune_bn_drift", action="store_true", help="finetune-bn-drift: finetune with the backbone in train() "
       "mode, so BN statistics (and Dropout2d) keep changing as in the release; default freezes them")
     a("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
@@ -320,6 +327,8 @@ def fit(args, dist, device):
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_step_milestones, gamma=args.gamma)
+    # amp-hardcoded-cuda: the release autocasts fp16 on 'cuda' even on CPU runs; here autocast (bf16 by default,
+    # fp16 + GradScaler with --amp fp16) happens on CUDA only
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.amp == "fp16")
     start_epoch, step, best = 0, 0, -1.0
     state = rd.resume_state() if args.resume else None
@@ -486,8 +495,7 @@ def v1_props(args):
     if args.compare:
         return analysis.compare(args, args.compare, lambda spec: model_for_analysis(args, spec))
     model, label = model_for_analysis(args, None)
-    rd = checkpoint.RunDir(args.output_root, vars(args), resume=False, overwrite=args.overwrite)
-    return analysis.run(args, model, label, rd)
+    return analysis.run(args, model, label)
 
 
 def model_for_analysis(args, spec):

@@ -1,8 +1,9 @@
 """The V1-component ResNet50 zoo of Pogoncheff, Granley & Beyeler (NeurIPS 2023),
 "Explaining V1 Properties with a Biologically Constrained Deep Learning Architecture".
 
-Five components, each reimplemented from the maths in ../shared/research/v1_constrained.md with the
-released code's parameter layouts (shapes, names, init), so parameter counts match the original exactly:
+Five components, each reimplemented from the maths of the paper and its release (github.com/gpogoncheff/
+explaining_v1, utils/*.py and models/*.py) with the release's parameter layouts, names and initialisation, so
+parameter counts and init distributions match the original:
 
   DoGConv2d / DoGLayer      center-surround antagonism: 5x5 difference-of-Gaussians conv on the first
                             16 of 64 channels (the rest pass through)
@@ -74,7 +75,7 @@ class DoGConv2d(nn.Module):
         d2 = self.kernel_dists
         if self.form == "textbook":
             g1, g2 = torch.exp(-d2 / s1) / (math.pi * s1), torch.exp(-d2 / s2) / (math.pi * s2)
-        else:  # operator-precedence bug of the release: (1/pi)*sigma
+        else:  # dog-sigma-precedence: the release's utils/DoG.py writes 1/torch.pi*sigma = sigma/pi
             g1, g2 = (s1 / math.pi) * torch.exp(-d2 / s1), (s2 / math.pi) * torch.exp(-d2 / s2.clamp(min=1e-6))
         kern = F.normalize((g1 - g2) * self.total_scale, dim=0)
         return kern.view(self.channels, self.channels, self.kernel_size, self.kernel_size)
@@ -168,7 +169,7 @@ class TunedNorm(nn.Module):
     σ_j ~ U(0,1) + n/8 per input channel (clamped ≥ 0.5), G_ij ∝ N(D_ij; 0, σ_j) with every column
     normalised to sum 1. With the release's D, D_ii = n/2 is the largest distance and D = 0 at
     j = i + n/2: each channel is inhibited mostly by the channel opposite it on the ring
-    (center="opposite", default — this is the scored model). center="self" uses the circular distance
+    (tuned-norm-opposite; center="opposite", default — this is the scored model). center="self" uses the circular distance
     min(|i−j|, n−|i−j|) instead, so a channel is inhibited most by itself and its neighbours.
     """
 
@@ -351,7 +352,8 @@ class V1Bottleneck(Bottleneck):
 
 @dataclass(frozen=True)
 class Spec:
-    """Per-instance architecture flags (the release keeps these as mutable class attributes, bug 4)."""
+    """Per-instance architecture flags (the release keeps these as mutable class attributes:
+    class-attribute-flags, so building composite_d then composite_a gave an `a` without polar transform)."""
     dog_blocks: tuple = ()        # layer1 blocks whose conv2 gains a DoG stage
     dog_style: str = "composite"  # "sequential": conv2 = Sequential(conv, DoGLayer) (torchvision-based model)
     lc_block: int | None = None   # layer1 block whose conv2 becomes LocallyConnected2d
@@ -386,7 +388,7 @@ class V1ResNet50(ResNet):
 
     Every model type has the same top-level attributes (conv1, bn1, relu, maxpool, [lpp], layer1-4,
     avgpool, fc), so swapping the head is always `model.fc = nn.Linear(2048, n)` — the release's
-    cortical-magnification model is an nn.Sequential, where that line appends a layer (bug 2).
+    cortical-magnification model is an nn.Sequential, where that line appends a layer (sequential-fc-append).
     """
 
     def __init__(self, model_type: str, num_classes: int = 1000, dog_form: str = "textbook",
