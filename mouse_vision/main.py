@@ -78,12 +78,12 @@ for _a in ("dual_stream", "six_stream"):
 DEFAULTS = dict(arch="alexnet_bn", loss="ir", epochs=200, batch_size=256, lr=0.003, optimizer="sgd", momentum=0.9,
                 weight_decay=5e-4, nesterov=False, schedule="steps", milestones=[120, 160], gamma=0.1,
                 warmup_epochs=0, crop_size=224, num_workers=8, log_every=100, monitor_images=10000, n_noise=4096)
-# Embedded: a 10-class synthetic tree of 300 64-px images (so the crop is 64 px), three short epochs (~1 CPU
-# minute) at the release's lr. With only N = 300 bank entries
-# the release's m = 4096 noise draws would hold each positive ~14 times (it is not excluded) and push it away:
+# Embedded: a 10-class synthetic tree of 200 64-px images (so the crop is 64 px), three short epochs (~1 CPU
+# minute) at the release's lr. With only N = 200 bank entries
+# the release's m = 4096 noise draws would hold each positive ~20 times (it is not excluded) and push it away:
 # m = 64 keeps m/N < 1 as on ImageNet (4096/1.28M).
 EMBEDDED = dict(epochs=3, batch_size=32, crop_size=64, num_workers=0, log_every=3, milestones=[2], warmup_epochs=1,
-                monitor_images=300, n_noise=64)
+                monitor_images=200, n_noise=64)
 EMBEDDED_LR = {"supervised": 0.03, "rotnet": 0.03, "ae": 0.03, "relloc": 0.03, "depth": 0.03}
 
 
@@ -284,8 +284,8 @@ def open_data(args, dist):
         train = mvdata.DepthPairs(root, "train", train=True, crop=args.crop_size)
         return train, None, mvdata.DepthPairs(root, "val", train=False, crop=args.crop_size), root
     if args.data_root is None:
-        root = synthetic.ensure_synthetic(args.cache_root, "tiny_imagenet_10x30", lambda p: synthetic.write_tiny_imagenet(
-            p, n_classes=10, n_train_per_class=30, n_val_per_class=10, seed=0))
+        root = synthetic.ensure_synthetic(args.cache_root, "tiny_imagenet_10x20", lambda p: synthetic.write_tiny_imagenet(
+            p, n_classes=10, n_train_per_class=20, n_val_per_class=10, seed=0))
     else:
         root = args.data_root
     base_train, base_val = mvdata.open_images(root, "train"), mvdata.open_images(root, "val")
@@ -382,6 +382,18 @@ def train(args):
         runtime.cleanup_distributed(dist)
 
 
+def open_rundir(args, dist) -> checkpoint.RunDir:
+    """Every rank runs the read-only checks first (same verdict everywhere), then rank 0 alone creates the folder."""
+    check = checkpoint.RunDir(args.output_root, vars(args), resume=args.resume, overwrite=args.overwrite, is_main=False)
+    if dist.enabled:
+        torch.distributed.barrier()
+    rd = checkpoint.RunDir(args.output_root, vars(args), resume=args.resume, overwrite=args.overwrite) \
+        if dist.is_main else check
+    if dist.enabled:
+        torch.distributed.barrier()
+    return rd
+
+
 def fit(args, dist, device):
     train_ds, ref_ds, val_ds, root = open_data(args, dist)
     n_classes = len(train_ds.classes)
@@ -391,7 +403,7 @@ def fit(args, dist, device):
         load_model_path(backbone, args.model_path)
     objective = build_objective(args.loss, backbone, len(train_ds), n_classes, **objective_kwargs(args))
     trainee = Trainee(backbone, objective)
-    rd = checkpoint.RunDir(args.output_root, vars(args), resume=args.resume, overwrite=args.overwrite, is_main=dist.is_main)
+    rd = open_rundir(args, dist)
     run = prepare(trainee, args, device, dist)
     optimizer = make_optimizer(trainee, args)
     start_epoch, step, best = 0, 0, None
