@@ -381,19 +381,18 @@ def ceiling_scores(animals, splits, halves_of, args, device) -> dict:
     area's other animals as the source (NaN for an area with one animal)."""
     out = {}
     for area, anims in animals.items():
+        n_tr = min(a.responses.shape[0] for a in anims)  # trials used: the area's smallest count (all 50 in the data)
+        hv = halves_of(n_tr)
+        hm = [half_means(a.responses[:n_tr], hv) for a in anims]  # a unit's half means do not depend on the pool
         parts = []
         for i, a in enumerate(anims):
-            others = [b for j, b in enumerate(anims) if j != i]
-            if not others:
+            if len(anims) == 1:
                 parts.append(np.full((len(splits), args.n_halves, a.n_units), np.nan, np.float32))
                 continue
-            n_tr = min(b.responses.shape[0] for b in [a, *others])
-            hv = halves_of(n_tr)
-            src = half_means(np.concatenate([b.responses[:n_tr] for b in others], -1), hv)
+            src = torch.cat([h for j, h in enumerate(hm) if j != i], -1)
             src = src - src.mean(-2, keepdim=True)
             gram = (src @ src.transpose(-1, -2))[None]  # (1, H, 2, N, N)
-            parts.append(split_half_scores(gram, half_means(a.responses[:n_tr], hv), splits, args.mapping,
-                                           args.n_components, device)[0])
+            parts.append(split_half_scores(gram, hm[i], splits, args.mapping, args.n_components, device)[0])
         out[area] = np.concatenate(parts, -1)
     return out
 
@@ -460,7 +459,7 @@ def mode_neural_fit(args):
     layer_lists = []
     for arch, path, label in models:  # build to learn the layers and fail early on bad names/paths
         runtime.seed_everything(args.seed)  # a random-init model is the same in every shard
-        model, default_layers = build(arch, path)
+        model, default_layers = build(arch, None if args.merge_only else path)
         built[label] = model
         layer_lists.append(list(args.layers) if args.layers else default_layers)
     units = _unit_dirs(out, models, layer_lists)

@@ -3,6 +3,7 @@ inter-animal ceiling, the HDF5 format, the converter and the reader's errors (al
 import json
 import math
 import pickle
+import warnings
 
 import h5py
 import numpy as np
@@ -231,7 +232,9 @@ def test_converter_selection_and_refusal(tmp_path):
         assert sorted(visp.keys()) == ["1", "2"]
         assert list(visp["1/unit_id"][()]) == [100, 101]
         assert list(visp["1"].attrs["time_window_ms"]) == [10.0, 40.0]  # median r ≥ 0.3 in bins 1-3
-        exp = np.nanmean(payload["neural_data"]["values"][:, :, 1:4][..., [0, 1]], axis=2)
+        with warnings.catch_warnings():  # the missing trial is NaN in every bin
+            warnings.simplefilter("ignore", RuntimeWarning)
+            exp = np.nanmean(payload["neural_data"]["values"][:, :, 1:4][..., [0, 1]], axis=2)
         np.testing.assert_allclose(visp["1/responses"][()], exp, rtol=1e-6)
         assert np.isnan(visp["1/responses"][0, :, 0]).all()
         assert list(f["neuropixels/VISl/3/unit_id"][()]) == [106, 107]
@@ -284,3 +287,17 @@ def test_preprocess_matches_the_release_transform():
     # gray → 3 identical channels before the per-channel normalisation
     raw = nf.preprocess_stimuli(img[None], normalize=False)
     assert torch.equal(raw[0, 0], raw[0, 1]) and torch.equal(raw[0, 1], raw[0, 2])
+
+
+def test_torchvision_model_features_and_unknown_name():
+    model, layers = nf.build("torchvision:mobilenet_v3_small", None)
+    assert layers == ["features", "avgpool", "classifier"]
+    x = torch.randn(4, 3, 64, 64)
+    grams = nf.feature_grams(model, x, ["features.1", "avgpool"], torch.device("cpu"))
+    assert grams["features.1"].shape == (4, 4) and torch.linalg.eigvalsh(grams["avgpool"]).min() > -1e-8
+    with torch.no_grad():  # the hooked layer's flattened activations, centred, give the same Gram matrix
+        f = torch.flatten(model.avgpool(model.features(x)), 1).double()
+    f = f - f.mean(0)
+    assert torch.allclose(grams["avgpool"], f @ f.T, rtol=1e-4, atol=1e-6)
+    with pytest.raises(UserError, match="torchvision has no model"):
+        nf.build("torchvision:no_such_net", None)
