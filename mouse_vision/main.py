@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", choices=sorted(CONFIGS), default=None, help="a released model's recipe: arch + loss + optimizer, "
       "schedule, batch size, epochs (e.g. alexnet_bn_ir, dual_stream_ir, six_stream_simclr, shi_mousenet_ir, "
       "shi_mousenet_vispor5_ir); any flag overrides it")
-    a("--arch", choices=sorted(ARCHS), default=None, help="architecture (default alexnet_bn, or the --config's)")
+    a("--arch", default=None, help=f"architecture: {', '.join(ARCHS)} (default alexnet_bn, or the --config's); "
+      "neural_fit also takes torchvision:<name>")
     a("--loss", choices=LOSSES, default=None, help="training objective (default ir, or the --config's)")
     a("--model_path", default=None, help="a released-style checkpoint (model_state_dict / state_dict / model, "
       "optional module. prefix): training warm-starts the backbone from it")
@@ -163,6 +164,8 @@ def resolve_training(args):
     if args.embedded:
         layers.append(("embedded", {**EMBEDDED, **({"lr": EMBEDDED_LR[loss]} if loss in EMBEDDED_LR else {})}))
     settings.resolve(args, DEFAULTS, *layers)
+    if args.arch not in ARCHS:
+        raise UserError(f"--arch {args.arch!r} cannot be trained here; expected one of {', '.join(ARCHS)}")
     args.nesterov = bool(args.nesterov)
     settings.check_positive(args, "epochs", "batch_size", "log_every", "crop_size", "monitor_images")
     if args.lr <= 0:
