@@ -220,7 +220,7 @@ def _top_eigenpair(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = S.shape[-1]
     shift = lam + 1e-9 * lam.abs().clamp_min(torch.finfo(S.dtype).tiny) + torch.finfo(S.dtype).tiny
     B = S - shift[..., None, None] * torch.eye(n, dtype=S.dtype, device=S.device)
-    LU, piv = torch.linalg.lu_factor(B)
+    LU, piv, _ = torch.linalg.lu_factor_ex(B)  # a singular B (no component left) gives non-finite v: zeroed
     g = torch.Generator(device="cpu").manual_seed(0)
     v = (torch.rand(n, 1, generator=g, dtype=S.dtype) + 0.5).to(S.device).expand(*S.shape[:-1], 1)
     for _ in range(2):
@@ -575,6 +575,7 @@ def merge(args, units, models, layer_lists, meta=None) -> dict:
                             ylabel="noise-corrected r", hlines=[(c, "inter-animal")] if c is not None and np.isfinite(c) else [])
         result["models"][label] = {"arch": arch, "model_path": path, "layers": layers, "scores": by_area, "best_layer": best}
     _save_npz(out / "per_unit_scores.npz", npz)
+    checkpoint.write_json(out / "args.json", vars(args))  # the merging command's settings (each unit: unit.json)
     checkpoint.write_json(out / "neural_fit.json", result)
     for label, m in result["models"].items():
         for area, b in m["best_layer"].items():

@@ -68,6 +68,14 @@ def test_kernel_pls_equals_nipals_pls2():
     assert np.abs(kernel_predict(X8, Y, tr, te, 25) - nipals_pls2(X8[tr], Y[tr], X8[te], 8)).max() < 1e-5
 
 
+def test_kernel_pls_constant_targets_predict_the_mean():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(40, 30))
+    Y = np.full((40, 3), 2.5)  # G = 0: no component exists
+    pred = kernel_predict(X, Y, np.arange(20), np.arange(20, 40), 25)
+    assert np.allclose(pred, 2.5)
+
+
 def test_kernel_pls_batched_equals_one_by_one():
     rng = np.random.default_rng(1)
     n, m = 30, 20
