@@ -520,6 +520,15 @@ def trained_models(args) -> list[tuple[Path, dict]]:
     return out
 
 
+def response_model(ck: dict, device) -> backbones.ResponseModel:
+    """A trained model's `response_fn`: images in [0, 1] → [n, electrodes] (preprocessing, backbone up to the
+    layer, pooling, readout; eval mode). `ck` = a best.pt of --mode train or of a sweep unit."""
+    readout = models.readout_from_config(ck["readout_config"])
+    readout.load_state_dict(ck["model"])
+    bb, _ = backbones.build_backbone(ck["backbone"], ck["weights"], ck["image_size"], ck["seed"])
+    return backbones.ResponseModel(bb, ck["layer"], readout, ck["max_map"]).to(device)
+
+
 def image_grid(images: torch.Tensor, min_size: int = 128, gap: int = 4) -> "Image.Image":
     """A row of images [n, 3, H, W] in [0, 1] as one PIL image (nearest upscaling to ≥ min_size px)."""
     from PIL import Image
@@ -553,11 +562,8 @@ def mode_mei(args, device):
         sites = {k: torch.tensor(v, dtype=torch.long) for k, v in ck["sites"].items()}
         explicit = args.sites != build_parser().get_default("sites")
         chosen = pick_sites(sites, args.sites, folder) if explicit else sites
-        readout = models.readout_from_config(ck["readout_config"])
-        readout.load_state_dict(ck["model"])
-        bb, _ = backbones.build_backbone(ck["backbone"], ck["weights"], ck["image_size"], ck["seed"])
-        model = backbones.ResponseModel(bb, ck["layer"], readout, ck["max_map"]).to(device)
-        n_el = readout.n
+        model = response_model(ck, device)
+        readout, n_el = model.readout, model.readout.n
         # the highest response to a natural image: the readout on the dataset's cached features (fp16)
         key = (train_args.data_root, ck["backbone"])
         if key not in data_cache:

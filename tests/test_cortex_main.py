@@ -169,3 +169,22 @@ def test_bad_input_exit_2_one_line(sweep, tmp_path, capsys):
     for argv, msg in cases:
         code, err = in_process(argv, capsys)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_response_fn_of_a_unit_matches_the_feature_cache(sweep):
+    """The MEI's response_fn (images → backbone → pooling → readout) gives the predictions the sweep computed from
+    the fp16 feature cache, so 'MEI response / best natural response' compares like with like."""
+    from cortex_readouts import backbones, data, models
+
+    out, cache, _ = sweep
+    torch.set_num_threads(1)
+    ck = torch.load(out / "units/vgg19/cadena/features.5/best.pt", weights_only=True)
+    model = crmain.response_model(ck, torch.device("cpu"))
+    d = data.load_dataset(cache / "synthetic" / crmain.SYNTHETIC_NAME, "N", array_size=4)
+    images = torch.stack([data.ImageFiles(d["train_images"], 64)[i] for i in range(4)])
+    folder = backbones.cache_dir(cache, backbones.dataset_tag(d["source"], 400), model.backbone, "random-seed0", 6)
+    feats = torch.from_numpy(np.asarray(backbones.load_features(folder, "features.5")[:4]))
+    with torch.no_grad():
+        direct = model(images)
+    torch.testing.assert_close(direct, models.predict(model.readout, feats), atol=2e-2, rtol=2e-2)
+    assert torch.equal(ck["max_natural_response"] >= direct.max(0).values - 2e-2, torch.ones(64, dtype=torch.bool))

@@ -261,3 +261,17 @@ def test_best_layer_is_the_planted_one():
     layers = list(feats)
     best = [layers[int(np.argmax([val[k][i] for k in layers]))] for i in range(2)]
     assert best == list(planted.values()), {k: np.round(v, 3).tolist() for k, v in val.items()}
+
+
+def test_bashivan_regularisers_hand_values():
+    ro = models.BashivanReadout(2, 3, 3, 1)
+    with torch.no_grad():
+        ro.mask.zero_()
+        ro.mask[0, 4] = 2.0  # a delta of height 2 at the centre of the 3 × 3 mask
+        ro.features.copy_(torch.tensor([[1.0, -2.0]]))
+    t = ro.per_neuron_penalty()
+    assert t["smooth"].item() == pytest.approx(64)  # (4 · 2)²
+    assert t["l1"].item() == pytest.approx(2) and t["l2"].item() == pytest.approx(0.5 * (4 + 5))
+    r = ro.repo_penalty(torch.tensor([0]))  # padding 5: the whole (−4-centre) kernel pattern × 2 is seen
+    assert r["smooth"].item() == pytest.approx((4 * 2**2 + 8**2) ** 0.5)
+    assert r["l1"].item() == pytest.approx(3) and r["l2"].item() == pytest.approx(4.5)
