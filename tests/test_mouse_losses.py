@@ -179,3 +179,79 @@ def test_gathers_are_identities_in_one_process():
     assert losses.world_size() == 1
     assert losses.gather_with_grad(x) is x and losses.all_reduce_with_grad(x) is x
     assert losses.concat_all_gather(x) is x
+
+
+DDP_SCRIPT = r'''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from mouse_vision import losses
+dist.init_process_group("gloo")
+r, W = dist.get_rank(), dist.get_world_size()
+g = torch.Generator().manual_seed(0)
+full = {"z": torch.randn(8, 5, generator=g), "a": torch.randn(8, 6, generator=g), "b": torch.randn(8, 6, generator=g)}
+out = {}
+# SimCLR: this rank's interleaved pairs (rows 4r..4r+3); VICReg / Barlow: this rank's half of the batch
+z = full["z"][4 * r:4 * r + 4].clone().requires_grad_(True)
+losses.nt_xent(losses.gather_with_grad(z), 0.1).backward()
+out["simclr"] = z.grad / W  # DDP averages over processes
+a, b = (full[k][4 * r:4 * r + 4].clone().requires_grad_(True) for k in "ab")
+losses.vicreg_loss(a, b).backward()
+out["vicreg"] = a.grad / W
+a2, b2 = (full[k][4 * r:4 * r + 4].clone().requires_grad_(True) for k in "ab")
+loss = losses.barlow_loss(a2, b2)
+loss.backward()
+out["barlow_loss"], out["barlow"] = loss.detach(), a2.grad / W
+# IR: every process applies the gathered update to its whole bank
+torch.manual_seed(0)
+ir = losses.InstanceRecognition(3, n_data=10, dim=6)
+ir._pending = (torch.nn.functional.normalize(full["a"][4 * r:4 * r + 4], dim=1), torch.arange(4 * r, 4 * r + 4))
+ir.after_step()
+out["bank"] = ir.bank
+# MoCo: keys of both processes enqueued in rank order, the queue identical everywhere
+torch.manual_seed(0)
+bb = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.BatchNorm1d(6))
+bb.output_dim = 6
+moco = losses.MoCoV2(bb, 6, hidden=8, dim=4, queue_size=16)
+x = torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(1))[4 * r:4 * r + 4]
+moco(bb, [x, x], None, None)
+out["queue"], out["ptr"] = moco.queue, moco.queue_ptr
+torch.save(out, f"{sys.argv[1]}/rank{r}.pt")
+dist.destroy_process_group()
+'''
+
+
+def test_gathered_losses_under_torchrun_equal_one_process(tmp_path, repo_root):
+    """2 CPU processes (gloo): gradients of SimCLR / VICReg (gathered with gradients) and Barlow Twins (C summed
+    over processes), after DDP's averaging, equal the one-process gradients on the whole batch."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_losses.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path), str(repo_root)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    g = torch.Generator().manual_seed(0)
+    z, a, b = torch.randn(8, 5, generator=g), torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    z.requires_grad_(True)
+    losses.nt_xent(z, 0.1).backward()
+    assert torch.allclose(torch.cat([r["simclr"] for r in ranks]), z.grad, atol=1e-6)
+    a1 = a.clone().requires_grad_(True)
+    losses.vicreg_loss(a1, b).backward()
+    assert torch.allclose(torch.cat([r["vicreg"] for r in ranks]), a1.grad, atol=1e-6)
+    # Barlow: each process standardises its own half (per-process BN); C is summed over processes
+    a2 = a.clone().requires_grad_(True)
+    halves = [losses._standardise(a2[i:i + 4]).t() @ losses._standardise(b[i:i + 4]) for i in (0, 4)]
+    c = (halves[0] + halves[1]) / 8
+    ref = (torch.diagonal(c) - 1).pow(2).sum() + 0.0051 * losses.off_diagonal(c).pow(2).sum()
+    ref.backward()
+    assert ranks[0]["barlow_loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(torch.cat([r["barlow"] for r in ranks]), a2.grad, atol=1e-6)
+    torch.manual_seed(0)
+    ir = losses.InstanceRecognition(3, n_data=10, dim=6)
+    ir.update_bank(torch.nn.functional.normalize(a, dim=1), torch.arange(8))
+    assert torch.allclose(ranks[0]["bank"], ir.bank, atol=1e-6) and torch.equal(ranks[0]["bank"], ranks[1]["bank"])
+    assert int(ranks[0]["ptr"]) == int(ranks[1]["ptr"]) == 8 and torch.equal(ranks[0]["queue"], ranks[1]["queue"])
