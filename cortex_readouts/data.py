@@ -21,6 +21,7 @@ arrays 1-8 V1, 9-13 IT, 14-16 V4.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import h5py
@@ -106,12 +107,9 @@ def read_normmua(path) -> dict:
         out["test_reps"] = reps
     if reliab is not None:
         reliab = _electrodes_last(np.atleast_2d(reliab), n_el, "reliab", path)
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                out["reliab"] = np.nanmean(reliab.reshape(-1, n_el), axis=0)  # average over repeat pairs
+        with warnings.catch_warnings():  # an all-NaN electrode gives NaN (and is dropped by the threshold)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out["reliab"] = np.nanmean(reliab.reshape(-1, n_el), axis=0)  # average over repeat pairs
     for key, name in (("oracle", oracle), ("snr_max", snr_max)):
         if name is not None:
             if name.size != n_el:
@@ -222,7 +220,7 @@ def make_sites(emap: dict, spec: list[str], keep: np.ndarray) -> dict:
     return sites
 
 
-def _area_of(emap, a) -> str:  # noqa: N802 - reads like the table it indexes
+def _area_of(emap, a) -> str:
     return emap["area"][int(np.flatnonzero(emap["array"] == a)[0])]
 
 

@@ -239,7 +239,8 @@ def fit_unit(args, d, folder, backbone_name, readout_kind, layer, device, on_eva
     pred_all = models.predict(readout, torch.cat(x_natural))
     state = checkpoint.training_state(
         readout, epoch=1, step=info.get("steps", 0), best_metric=scores["val_corr_mean"], args=_plain_args(args),
-        readout_config=readout.config(), backbone=backbone_name, layer=layer, image_size=args.image_size,
+        readout_config=readout.config(), readout=readout_kind, backbone=backbone_name, layer=layer,
+        image_size=args.image_size,
         max_map=args.max_map, weights=args.weights, seed=args.seed, electrodes=d["kept"].tolist(),
         sites={k: v.tolist() for k, v in d["sites"].items()},
         max_natural_response=pred_all.max(0).values,  # per electrode, over every natural image of the dataset
@@ -529,7 +530,7 @@ def response_model(ck: dict, device) -> backbones.ResponseModel:
     return backbones.ResponseModel(bb, ck["layer"], readout, ck["max_map"]).to(device)
 
 
-def image_grid(images: torch.Tensor, min_size: int = 128, gap: int = 4) -> "Image.Image":
+def image_grid(images: torch.Tensor, min_size: int = 128, gap: int = 4):
     """A row of images [n, 3, H, W] in [0, 1] as one PIL image (nearest upscaling to ≥ min_size px)."""
     from PIL import Image
 
@@ -564,6 +565,7 @@ def mode_mei(args, device):
         chosen = pick_sites(sites, args.sites, folder) if explicit else sites
         model = response_model(ck, device)
         readout, n_el = model.readout, model.readout.n
+        kind = ck.get("readout", ck["readout_config"]["kind"])  # a ridge readout is stored as a dense one
         # the highest response to a natural image: the readout on the dataset's cached features (fp16)
         key = (train_args.data_root, ck["backbone"])
         if key not in data_cache:
@@ -593,10 +595,10 @@ def mode_mei(args, device):
                                log_every=max(1, steps // 4), log_prefix=f"mei {ck['layer']} {name}")
             best_nat = float(natural[:, idx].mean(1).max())
             pred = res["final_objective"]
-            stem = f"{ck['backbone']}_{ck['readout_config']['kind']}_{ck['layer']}_{name}"
+            stem = f"{ck['backbone']}_{kind}_{ck['layer']}_{name}"
             np.save(out_dir / f"{stem}.npy", res["images"].numpy())
             image_grid(res["images"]).save(out_dir / f"{stem}.png")
-            rec = {"backbone": ck["backbone"], "readout": ck["readout_config"]["kind"], "layer": ck["layer"],
+            rec = {"backbone": ck["backbone"], "readout": kind, "layer": ck["layer"],
                    "site": name, "electrodes": idx.tolist(), "model": str(folder), "steps": steps,
                    "seed": args.seed, "image_size": ck["image_size"], "rf_envelope": envelope is not None,
                    "predicted_response": pred.tolist(), "predicted_response_max": float(pred.max()),

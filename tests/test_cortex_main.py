@@ -144,7 +144,7 @@ def test_mei_mode_subprocess(sweep, tmp_path):
          "--layer", "features.5", "--readout", "ridge", "--sites", "V1", "array9", "--mei_steps", 3,
          "--mei_images", 2])
     recs = json.loads((mei_out / "meis.json").read_text())
-    assert [r["site"] for r in recs] == ["V1", "array9_V4"]
+    assert [r["site"] for r in recs] == ["V1", "array9_V4"] and {r["readout"] for r in recs} == {"ridge"}
     for r in recs:
         assert len(r["predicted_response"]) == 2 and r["best_natural_response"] is not None
         assert r["ratio"] == pytest.approx(r["predicted_response_max"] / r["best_natural_response"])
