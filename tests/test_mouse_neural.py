@@ -289,9 +289,11 @@ def test_reader_errors(tmp_path):
 
 def test_preprocess_matches_the_release_transform():
     img = (np.arange(30 * 40) % 251).astype(np.uint8).reshape(30, 40)
-    x = nf.preprocess_stimuli(img[None])
-    assert x.shape == (1, 3, 64, 64)
-    assert torch.equal(x[0, 0] * 0.229 + 0.485, x[0, 0] * 0.229 + 0.485)
+    assert nf.preprocess_stimuli(img[None]).shape == (1, 3, 64, 64)
+    # a uniform gray image stays uniform through the resizes and crop: (g/255 − mean_c) / std_c per channel
+    x = nf.preprocess_stimuli(np.full((1, 30, 40), 100, np.uint8))
+    expected = (100 / 255 - torch.tensor(nf.IMAGENET_MEAN)) / torch.tensor(nf.IMAGENET_STD)
+    assert torch.allclose(x[0].mean((1, 2)), expected.float(), atol=1e-6) and x[0].std((1, 2)).max() < 1e-6
     # gray → 3 identical channels before the per-channel normalisation
     raw = nf.preprocess_stimuli(img[None], normalize=False)
     assert torch.equal(raw[0, 0], raw[0, 1]) and torch.equal(raw[0, 1], raw[0, 2])
