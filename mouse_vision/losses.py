@@ -82,6 +82,11 @@ def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
     return x if world_size() == 1 else _AllReduceWithGrad.apply(x)
 
 
+def fp32(t: torch.Tensor):
+    """Leave autocast for the loss arithmetic: exp(s/τ) with τ = 0.07 and Gram matrices need fp32 precision."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _linear_init(m: nn.Module, std: float) -> None:
     for mod in m.modules():
         if isinstance(mod, nn.Linear):
@@ -99,9 +104,11 @@ def ir_nce_loss(v, bank, index, noise_idx, tau: float, Z: float, eps: float = 1e
     −[log P_d/(P_d + m/N + ε) + Σ_noise log (m/N)/(P_n + m/N + ε)], averaged over the batch."""
     n, m = bank.shape[0], noise_idx.shape[1]
     k = m / n  # m · P_n(i)
-    p_d = torch.exp((v * bank[index]).sum(1) / tau) / Z
-    p_n = torch.exp(torch.einsum("bd,bmd->bm", v, bank[noise_idx]) / tau) / Z
-    return -(torch.log(p_d / (p_d + k + eps)) + torch.log(k / (p_n + k + eps)).sum(1)).mean()
+    with fp32(v):
+        v, bank = v.float(), bank.float()
+        p_d = torch.exp((v * bank[index]).sum(1) / tau) / Z
+        p_n = torch.exp(torch.einsum("bd,bmd->bm", v, bank[noise_idx]) / tau) / Z
+        return -(torch.log(p_d / (p_d + k + eps)) + torch.log(k / (p_n + k + eps)).sum(1)).mean()
 
 
 class InstanceRecognition(nn.Module):
@@ -151,11 +158,12 @@ class InstanceRecognition(nn.Module):
 def nt_xent(z: torch.Tensor, tau: float) -> torch.Tensor:
     """NT-Xent (Chen et al. 2020 eq. 1) on 2N embeddings with the two views of image i at rows 2i, 2i+1: cosine
     similarities / τ, the row itself excluded, cross-entropy towards the partner, averaged over all 2N rows."""
-    z = F.normalize(z.float(), dim=1)
-    sim = z @ z.t() / tau
-    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.arange(len(z), device=z.device) ^ 1
-    return F.cross_entropy(sim, target)
+    with fp32(z):
+        z = F.normalize(z.float(), dim=1)
+        sim = z @ z.t() / tau
+        sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+        target = torch.arange(len(z), device=z.device) ^ 1
+        return F.cross_entropy(sim, target)
 
 
 class SimCLR(nn.Module):
@@ -266,8 +274,9 @@ class MoCoV2(nn.Module):
         q = F.normalize(self.neck(backbone(views[0])).float(), dim=1)
         self.momentum_update(backbone)
         k = self.keys(views[1])
-        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.clone().t()], 1) / self.tau
-        loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+        with fp32(q):
+            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.clone().float().t()], 1) / self.tau
+            loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
         self.enqueue(k)
         return loss, {}
 
@@ -288,17 +297,22 @@ def off_diagonal(c):
 def barlow_loss(z1, z2, lambd: float = 0.0051, divisor: float | None = None):
     """Zbontar et al. (2021) eq. 1: C = BN(z1)ᵀ BN(z2) / batch (summed over processes),
     Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij². `divisor` defaults to the global batch size."""
-    c = _standardise(z1.float()).t() @ _standardise(z2.float())
-    divisor = divisor or len(z1) * world_size()
-    c = all_reduce_with_grad(c) / divisor
-    return (torch.diagonal(c) - 1).pow(2).sum() + lambd * off_diagonal(c).pow(2).sum()
+    with fp32(z1):
+        c = _standardise(z1.float()).t() @ _standardise(z2.float())
+        divisor = divisor or len(z1) * world_size()
+        c = all_reduce_with_grad(c) / divisor
+        return (torch.diagonal(c) - 1).pow(2).sum() + lambd * off_diagonal(c).pow(2).sum()
 
 
 def vicreg_loss(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, divisor: float | None = None):
     """Bardes et al. (2022), as released: 25·MSE(x, y) + 25·(mean std-hinge of x + of y)/2 + 1·(off-diagonal
     cov² of x + of y)/num_features, std = sqrt(var + 1e-4), cov = centred xᵀx/(batch − 1), over the embeddings
     of every process (gathered with gradients). `divisor` (batch) defaults to the gathered batch size."""
-    x, y = gather_with_grad(x.float()), gather_with_grad(y.float())
+    with fp32(x):
+        return _vicreg(gather_with_grad(x.float()), gather_with_grad(y.float()), sim_coeff, std_coeff, cov_coeff, divisor)
+
+
+def _vicreg(x, y, sim_coeff, std_coeff, cov_coeff, divisor):
     n = divisor or len(x)
     repr_loss = F.mse_loss(x, y)
     x, y = x - x.mean(0), y - y.mean(0)
