@@ -485,13 +485,17 @@ def mode_neural_fit(args):
             halves_cache[n_trials] = trial_halves(n_trials, args.n_halves)
         return halves_cache[n_trials]
 
-    todo = [u for u in mine if shard.prepare_unit(units[u], resume=args.resume, overwrite=args.overwrite) != "skip"]
-    skipped = len(mine) - len(todo)
-    if skipped:
-        print(f"{skipped} unit(s) already complete: skipped", flush=True)
-    images = preprocess_stimuli(stimuli)
     meta = {"data": str(args.data), "dataset": dataset, "mapping": args.mapping, "n_components": args.n_components,
-            "n_splits": args.n_splits, "n_halves": args.n_halves, "n_train": len(splits[0][0])}
+            "n_splits": args.n_splits, "n_halves": args.n_halves, "n_train": len(splits[0][0]), "area_names": list(animals)}
+    todo = []
+    for u in mine:
+        if shard.prepare_unit(units[u], resume=args.resume, overwrite=args.overwrite) == "skip":
+            _check_meta(units[u], meta)
+        else:
+            todo.append(u)
+    if len(mine) > len(todo):
+        print(f"{len(mine) - len(todo)} unit(s) already complete: skipped", flush=True)
+    images = preprocess_stimuli(stimuli)
     t_all = time.perf_counter()
     for arch, path, label in models + [(CEILING, None, CEILING)]:
         layers = [u[1] for u in todo if u[0] == label]
@@ -526,6 +530,18 @@ def mode_neural_fit(args):
     return None
 
 
+META_KEYS = ("data", "dataset", "mapping", "n_components", "n_splits", "n_halves", "n_train", "area_names")
+
+
+def _check_meta(unit_dir: Path, meta: dict) -> None:
+    """A complete unit computed with other settings is never mixed into this sweep silently."""
+    done = json.loads((unit_dir / "unit.json").read_text())
+    diff = [k for k in META_KEYS if done.get(k) != meta.get(k)]
+    if diff:
+        raise UserError(f"{unit_dir} was computed with {', '.join(f'{k}={done.get(k)!r}' for k in diff)}, this run has "
+                        f"{', '.join(f'{k}={meta.get(k)!r}' for k in diff)}; pass --overwrite or another --output_root")
+
+
 def _save_npz(path: Path, arrays: dict) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
@@ -542,8 +558,9 @@ def merge(args, units, models, layer_lists, meta=None) -> dict:
         raise UserError(f"{out}: no complete unit to merge")
     info = {k: json.loads((units[k] / "unit.json").read_text()) for k in done}
     if meta is None:
-        meta = {k: v for k, v in next(iter(info.values())).items()
-                if k in ("data", "dataset", "mapping", "n_components", "n_splits", "n_halves", "n_train")}
+        meta = {k: v for k, v in next(iter(info.values())).items() if k in META_KEYS}
+    for k in done:
+        _check_meta(units[k], meta)
     npz = {}  # "<model>/<layer>/<area>": per-unit scores (mean over splits × halves); unit_id/<area>, animal/<area>
     for (label, layer) in done:
         with np.load(units[(label, layer)] / "scores.npz") as z:

@@ -76,6 +76,9 @@ def test_shards_merge_to_the_unsharded_result(tmp_path, capsys):
     assert sorted(a.files) == sorted(b.files)
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k])
+    # a complete unit computed with other settings is not mixed in
+    with pytest.raises(UserError, match="n_halves=2.*n_halves=3"):
+        _main(*common, "--output_root", str(sharded), "--n_halves", "3")
     # an interrupted unit (no completion marker) is refused without --resume/--overwrite, redone with --resume
     (sharded / "units" / "alexnet_bn__features.17" / ".complete").unlink()
     with pytest.raises(UserError, match="interrupted unit"):
