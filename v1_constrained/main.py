@@ -1,5 +1,6 @@
-"""Train / validate / fine-tune / benchmark the V1-component ResNet50s of Pogoncheff, Granley & Beyeler
-(NeurIPS 2023), "Explaining V1 Properties with a Biologically Constrained Deep Learning Architecture".
+"""Train, validate, fine-tune, evaluate (Tiny-ImageNet-C, V1 tuning properties) and benchmark the V1-component
+ResNet50s of Pogoncheff, Granley & Beyeler (NeurIPS 2023), "Explaining V1 Properties with a Biologically
+Constrained Deep Learning Architecture".
 
 Usage (from the repo root or from inside v1_constrained/):
 
@@ -463,8 +464,6 @@ def eval_c(args, dist, device):
     out = Path(args.output_root)
     if (out / "args.json").is_file() and json.loads((out / "args.json").read_text()).get("mode") != "eval_c":
         raise UserError(f"{out} holds a run of another mode; choose another --output_root")
-    if n == 1 and not args.merge_only:
-        checkpoint.write_json(out / "args.json", vars(args))  # a shared file: only the unsharded run writes it
     todo = []
     if not args.merge_only:
         for u in shard.my_units(units, (k, n)):
@@ -487,7 +486,9 @@ def eval_c(args, dist, device):
     if n > 1 and not args.merge_only:
         print(f"shard {k}/{n} done; merge the shards with the same flags plus --merge_only", flush=True)
         return {"shard": [k, n], "units_run": todo}
-    return robustness.merge(args, units, gaps, c_root, tiny)
+    res = robustness.merge(args, units, gaps, c_root, tiny)
+    checkpoint.write_json(out / "args.json", vars(args))  # shared files: only the merge writes them
+    return res
 
 
 def v1_props(args):
