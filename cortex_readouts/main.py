@@ -573,7 +573,7 @@ def mode_mei(args, device):
             data_cache[key] = (d, *feature_folder(train_args, d, ck["backbone"], device)[::2])
         d, bb_feat, feat_dir = data_cache[key]
         ensure_features(train_args, d, bb_feat, feat_dir, [ck["layer"]], device)
-        feats = torch.from_numpy(np.asarray(backbones.load_features(feat_dir, ck["layer"])))
+        feats = torch.from_numpy(np.array(backbones.load_features(feat_dir, ck["layer"])))
         natural = models.predict(readout.to(device), feats).float()
         targets = [(f"electrodes{'-'.join(map(str, args.electrodes))}", torch.tensor(args.electrodes))] \
             if args.electrodes else list(chosen.items())

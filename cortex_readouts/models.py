@@ -350,7 +350,7 @@ def fit_gradient(readout: Readout, x_train: torch.Tensor, y_train: torch.Tensor,
 def predict(readout: torch.nn.Module, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Eval-mode predictions [n, N] (the readout's dtype, CPU) of a feature tensor, in chunks."""
     was = readout.training
-    readout.eval()
+    readout.eval()  # bn-train-eval: the repo often validated with BN in train mode (batch-dependent scores)
     p = next(readout.parameters())
     out = torch.cat([readout(x[i:i + chunk].to(p.device, p.dtype)).cpu() for i in range(0, len(x), chunk)])
     readout.train(was)

@@ -183,7 +183,7 @@ def test_response_fn_of_a_unit_matches_the_feature_cache(sweep):
     d = data.load_dataset(cache / "synthetic" / crmain.SYNTHETIC_NAME, "N", array_size=4)
     images = torch.stack([data.ImageFiles(d["train_images"], 64)[i] for i in range(4)])
     folder = backbones.cache_dir(cache, backbones.dataset_tag(d["source"], 400), model.backbone, "random-seed0", 6)
-    feats = torch.from_numpy(np.asarray(backbones.load_features(folder, "features.5")[:4]))
+    feats = torch.from_numpy(np.array(backbones.load_features(folder, "features.5")[:4]))
     with torch.no_grad():
         direct = model(images)
     torch.testing.assert_close(direct, models.predict(model.readout, feats), atol=2e-2, rtol=2e-2)
