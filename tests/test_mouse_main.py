@@ -166,3 +166,28 @@ def test_bad_input_is_a_user_error(tree, tmp_path):
         resolved(["--lr", "-1"])
     p = run(["--mode", "train", "--data_root", tmp_path / "missing", "--output_root", tmp_path / "o4"], check=False)
     assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
+
+
+def test_pipelines_and_depth_pairs(tmp_path):
+    from PIL import Image
+
+    from mouse_vision import data as mvdata
+    from mouse_vision.losses import LOSSES
+
+    img = Image.fromarray((torch.rand(80, 96, 3) * 255).byte().numpy())
+    for loss in LOSSES:
+        if loss == "depth":
+            continue
+        views = [t(img) for t in mvdata.pipelines(mvdata.PIPELINE_OF[loss], crop=64)]
+        # every pipeline ends at 64 px here: relloc keeps its crop (64), the others resize to 64
+        assert len(views) == (2 if loss in ("simclr", "simsiam", "mocov2", "barlow", "vicreg") else 1), loss
+        assert all(v.shape == (3, 64, 64) for v in views), loss
+    assert mvdata.eval_transform(224)(img).shape == (3, 64, 64)
+    root = mvdata.write_depth_pairs(tmp_path / "depth", n_train=3, n_val=2, size=32)
+    train, val = mvdata.DepthPairs(root, "train", train=True, crop=32), mvdata.DepthPairs(root, "val", train=False)
+    (x,), d, i = val[1]
+    assert x.shape == (3, 64, 64) and d.shape == (1, 64, 64) and i == 1 and len(train) == 3
+    assert 0.3 - 1e-3 <= d.min() and d.max() <= 1.0 + 1e-3 and d[0, 0].mean() > d[0, -1].mean()  # far at the top
+    (root / "train" / "depth" / "00001.png").unlink()
+    with pytest.raises(UserError, match="has no depth map"):
+        mvdata.DepthPairs(root, "train", train=True)
