@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
       "Barlow/VICReg 8192 per layer) — smaller heads for smoke runs")
     a("--queue_size", type=int, default=None, help="MoCo v2 queue length (65536)")
     a("--n_noise", type=int, default=None, help="IR noise samples per image (4096)")
+    a("--sync_bn", action="store_true", help="under torchrun on CUDA, BatchNorm statistics over all processes "
+      "(SyncBatchNorm, as the release trained six_stream_simclr; same state-dict keys)")
     a("--crop_size", type=int, default=None, help="augmentation crop before the resize to 64 px (224; embedded 64)")
     a("--num_workers", type=int, default=None, help="DataLoader workers (8; embedded 0)")
     a("--monitor_images", type=int, default=None, help="kNN monitor: training images embedded as the reference set "
@@ -260,6 +262,13 @@ def prepare(trainee, args, device, dist):
     if device.type == "cuda":
         trainee.backbone.to(memory_format=torch.channels_last)
     run = trainee
+    if args.sync_bn and dist.enabled and device.type == "cuda":
+        # BN children replaced in place; MoCo's key encoder keeps per-process BN (its shuffle-BN needs that)
+        for name, child in [("backbone", trainee.backbone), *trainee.objective.named_children()]:
+            if not name.startswith("key_"):
+                nn.SyncBatchNorm.convert_sync_batchnorm(child)
+    elif args.sync_bn and dist.is_main:
+        print("note: --sync_bn needs torchrun on CUDA; using per-process BatchNorm", flush=True)
     if dist.enabled:
         # the IR bank / MoCo queue are updated identically on every rank from gathered values: not broadcast
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainee, ddp_ignored(trainee.objective))
