@@ -10,7 +10,8 @@ Under DDP the objective sits inside the wrapped module with the backbone, so its
 averaged like the backbone's. Where the original gathers across processes (SimCLR, VICReg: embeddings with
 their gradients; MoCo: keys for the queue and shuffle-BN; Barlow Twins: the cross-correlation matrix; IR:
 embeddings and indices for the bank update) we do too; on one process every gather is a no-op, so the loss
-equals the single-process formula (tests compare with numpy).
+equals the single-process formula (tests compare with numpy). The release called torch.distributed even on one
+GPU (slug dist-required).
 """
 from __future__ import annotations
 

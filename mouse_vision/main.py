@@ -223,7 +223,7 @@ def make_optimizer(trainee, args):
 def lr_at(args, epoch: int) -> float:
     """The learning rate of epoch `epoch` (set once per epoch, as the release does)."""
     E, W = args.epochs, args.warmup_epochs or 0
-    pos = (epoch + 1) if args.cosine_offset == "release" else epoch
+    pos = (epoch + 1) if args.cosine_offset == "release" else epoch  # slug cosine-last-epoch-zero
     if args.schedule == "steps":
         return args.lr * args.gamma ** sum(epoch >= m for m in args.milestones)
     if args.schedule == "cosine":

@@ -66,7 +66,7 @@ class MultiStreamMouseNet(nn.Module):
     from one area to another; an area is the (out-of-place) sum of its incoming branches, each ending in a ReLU.
 
     The release sums in place onto a ReLU output, which autograd rejects on current torch
-    ("modified by an inplace operation"); summing out of place computes the same values."""
+    ("modified by an inplace operation"); summing out of place computes the same values (slug inplace-branch-sum)."""
 
     def __init__(self, streams: tuple[str, ...]):
         super().__init__()
