@@ -563,8 +563,12 @@ def mode_mei(args, device):
         sites = {k: torch.tensor(v, dtype=torch.long) for k, v in ck["sites"].items()}
         explicit = args.sites != build_parser().get_default("sites")
         chosen = pick_sites(sites, args.sites, folder) if explicit else sites
+        n_el = ck["readout_config"]["n"]
+        if args.electrodes and (max(args.electrodes) >= n_el or min(args.electrodes) < 0):
+            raise UserError(f"--electrodes {' '.join(map(str, args.electrodes))}: the model at {folder} has "
+                            f"electrodes 0..{n_el - 1}")
         model = response_model(ck, device)
-        readout, n_el = model.readout, model.readout.n
+        readout = model.readout
         kind = ck.get("readout", ck["readout_config"]["kind"])  # a ridge readout is stored as a dense one
         # the highest response to a natural image: the readout on the dataset's cached features (fp16)
         key = (train_args.data_root, ck["backbone"])
@@ -581,8 +585,6 @@ def mode_mei(args, device):
             if len(idx) == 0:
                 print(f"{folder.name} {name}: no electrodes, skipped", flush=True)
                 continue
-            if int(idx.max()) >= n_el or int(idx.min()) < 0:
-                raise UserError(f"--electrodes {args.electrodes}: the model at {folder} has electrodes 0..{n_el - 1}")
             objective = mei.electrode_objective(model, idx.tolist())
             envelope = None
             if args.rf_envelope and isinstance(readout, models.BashivanReadout):

@@ -161,6 +161,8 @@ def test_bad_input_exit_2_one_line(sweep, tmp_path, capsys):
           "--layer", "features.5", "--readout", "ridge", "--sites", "V2"], "not a site of the model"),
         (["--mode", "mei", "--sweep_root", out, "--output_root", tmp_path / "m3", "--layer", "features.7",
           "--readout", "ridge"], "no trained model at"),
+        (["--mode", "mei", "--sweep_root", out, "--output_root", tmp_path / "m4", "--layer", "features.5",
+          "--readout", "ridge", "--electrodes", 3, 64], "has electrodes 0..63"),
         (["--mode", "train", "--data_root", tmp_path / "missing"], "is not a folder"),
         (["--mode", "sweep", "--layer", "conv9", "--output_root", tmp_path / "s"], "not layers of vgg19"),
         (["--mode", "sweep", "--shard", "3/2", "--output_root", tmp_path / "s"], "0 ≤ K < N"),
@@ -188,3 +190,13 @@ def test_response_fn_of_a_unit_matches_the_feature_cache(sweep):
         direct = model(images)
     torch.testing.assert_close(direct, models.predict(model.readout, feats), atol=2e-2, rtol=2e-2)
     assert torch.equal(ck["max_natural_response"] >= direct.max(0).values - 2e-2, torch.ones(64, dtype=torch.bool))
+
+
+def test_mei_of_chosen_electrodes(sweep, tmp_path, capsys):
+    out, cache, _ = sweep
+    code, _ = in_process(["--mode", "mei", "--sweep_root", out, "--cache_root", cache, "--output_root", tmp_path / "e",
+                          "--layer", "features.0", "--readout", "bashivan", "--electrodes", 0, 5, "--mei_steps", 2,
+                          "--mei_images", 1, "--rf_envelope"], capsys)
+    assert code in (0, None)
+    (rec,) = json.loads((tmp_path / "e" / "meis.json").read_text())
+    assert rec["site"] == "electrodes0-5" and rec["electrodes"] == [0, 5] and rec["rf_envelope"]
