@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backbone", nargs="+", default=["vgg19"], choices=tuple(backbones.LAYERS),
       help="vgg19 and/or inception (torchvision GoogLeNet standing in for lucid's InceptionV1); train/mei use the first")
     a("--readout", nargs="+", default=None, choices=READOUTS,
-      help="cadena (dense), bashivan (mask × features), ridge (closed form); default: sweep all three, train cadena")
+      help="cadena (dense), bashivan (mask × features), ridge (closed form); default: all three (train: cadena)")
     a("--layer", nargs="+", default=None, help="layer name(s) (vgg19: features.0 … features.34; inception: conv1 … "
       "inception5b); sweep default: every layer; train default: the middle layer")
     a("--sites", nargs="+", default=["arrays", "areas"], help="heatmap rows / scored groups: 'arrays', 'areas', "
@@ -137,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.sweep_root is None:
         args.sweep_root = settings.default_output_root(STUDY, "sweep")
     if args.readout is None:
-        args.readout = list(READOUTS) if args.mode in ("sweep", "heatmap", "benchmark") else ["cadena"]
+        args.readout = list(READOUTS) if args.mode in ("sweep", "heatmap", "benchmark", "mei") else ["cadena"]
     if args.loss == "poisson" and args.output != "elu":
         raise UserError("--loss poisson needs a positive prediction: add --output elu")
     args.reg_overrides = {}
