@@ -569,7 +569,8 @@ def mode_mei(args, device):
                             f"electrodes 0..{n_el - 1}")
         model = response_model(ck, device)
         readout = model.readout
-        kind = ck.get("readout", ck["readout_config"]["kind"])  # a ridge readout is stored as a dense one
+        # a ridge readout is stored as a dense one: its name comes from the checkpoint (or the unit's folder)
+        kind = ck.get("readout") or (folder.parent.name if folder.parent.name in READOUTS else ck["readout_config"]["kind"])
         # the highest response to a natural image: the readout on the dataset's cached features (fp16)
         key = (train_args.data_root, ck["backbone"])
         if key not in data_cache:
