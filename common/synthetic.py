@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from common.datasets import CORRUPTIONS, TinyImageNet
+from common.runtime import UserError
 
 # ----------------------------------------------------------------------------- the cache
 
@@ -43,8 +44,9 @@ def ensure_synthetic(cache_root, name: str, writer) -> Path:
     final = Path(cache_root) / "synthetic" / name
     if (final / ".complete").exists():
         return final
-    if final.exists():  # a partial folder from an interrupted run
-        shutil.rmtree(final, ignore_errors=True)
+    # `final` only ever appears through the atomic rename below, complete. No deletion here: with several
+    # processes starting at once (torchrun ranks, job-array shards), one may rename its copy into place between
+    # another's checks.
     tmp = final.parent / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -53,10 +55,11 @@ def ensure_synthetic(cache_root, name: str, writer) -> Path:
     (tmp / ".complete").write_text("ok\n")
     try:
         os.rename(tmp, final)
-    except OSError:  # another process finished first
+    except OSError:  # another process finished first (or a foreign folder is in the way)
         shutil.rmtree(tmp, ignore_errors=True)
         if not (final / ".complete").exists():
-            raise
+            raise UserError(f"{final} exists but is not a complete synthetic dataset (no .complete marker); "
+                            f"remove it and run again") from None
     return final
 
 
