@@ -66,7 +66,7 @@ TASK_PRESET = {"mtl": "mtl", "image": "baseline", "neural": "v1"}
 EMBEDDED = dict(epochs=4, batch_size=16, neural_batch_size=16, lr=2e-4, optimizer="adam", log_every=4, workers=0,
                 lr_patience=5, es_patience=3, es_rounds=1)
 EMBEDDED_TINY = dict(n_classes=5, n_train_per_class=40, n_val_per_class=10)
-EMBEDDED_NEURAL = dict(n_sessions=2, n_neurons=24, n_train=480, n_test=40, test_repeats=4)
+EMBEDDED_NEURAL = dict(n_sessions=2, n_neurons=24, n_train=480, n_test=40, test_repeats=4, mean_rate=10.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +171,7 @@ def tiny_root(args) -> Path:
 def neural_sets(args) -> dict:
     root = args.neural_root
     if root is None:
-        root = synthetic.ensure_synthetic(args.cache_root, "monkey_v1_sessions",
+        root = synthetic.ensure_synthetic(args.cache_root, "monkey_v1_sim",
                                           lambda p: data.simulated_sessions(p, seed=0, **EMBEDDED_NEURAL))
     return data.read_neural(root, args.neural_crop, args.neural_subsample, args.neural_scale, args.split_seed)
 

