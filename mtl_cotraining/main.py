@@ -146,6 +146,10 @@ def parse_args(argv=None):
     settings.resolve(args, DEFAULTS, *layers)
     settings.check_positive(args, "epochs", "batch_size", "log_every", "neural_batch_size", "es_patience", "es_rounds")
     args.ratio_schedule = {k: str(v) for k, v in data.parse_ratio(args.ratio).items()}
+    unknown = sorted(set(args.corruptions or ()) - set(datasets.CORRUPTIONS)) + [s for s in args.severities if not 1 <= s <= 5]
+    if unknown:
+        raise UserError(f"--corruptions/--severities: {unknown} unknown (expected names of {', '.join(datasets.CORRUPTIONS)}"
+                        f" and severities 1-5)")
     if args.output_root is None:
         args.output_root = settings.default_output_root(STUDY, args.mode, args.task)
     if args.cache_root is None:
@@ -535,8 +539,10 @@ def evaluate(args, device):
         res["noise_levels"], res["noise_acc"] = list(args.noise_levels), curve
         c_root = args.c_root
         if c_root is None and args.embedded:
-            c_root = synthetic.ensure_synthetic(args.cache_root, "tiny_imagenet_5c_C", lambda p: synthetic.write_tiny_imagenet_c(
-                p, root, max_per_class=2, seed=0))
+            names = tuple(args.corruptions or datasets.CORRUPTIONS)  # write only what is evaluated (cached per choice)
+            tag = "" if names == datasets.CORRUPTIONS else "_" + "-".join(names)
+            c_root = synthetic.ensure_synthetic(args.cache_root, f"tiny_imagenet_5c_C{tag}", lambda p: synthetic.write_tiny_imagenet_c(
+                p, root, corruptions=names, max_per_class=2, seed=0))
         if c_root is not None:
             rows = []
             for c, s, ds in data.tiny_c(c_root, classes, args.corruptions, tuple(args.severities)):
