@@ -20,8 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 MAIN = str(REPO / "mouse_vision" / "main.py")
 
 
-def run(args, check=True, timeout=600, torchrun=False):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+def run(args, check=True, timeout=600, torchrun=False, threads="1"):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
     p = subprocess.run([*head, MAIN, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
@@ -47,7 +49,7 @@ def fast(tree, *extra):
 
 def test_embedded_default_trains_ir_above_chance(tmp_path):
     out = tmp_path / "run"
-    p = run(["--mode", "train", "--output_root", out])
+    p = run(["--mode", "train", "--output_root", out], threads=None)  # as a user runs it: torch's threads
     assert "no --data_root given" in p.stdout and "settings: arch 'alexnet_bn'" in p.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["arch"] == "alexnet_bn" and res["loss"] == "ir" and res["embedded_data"]
