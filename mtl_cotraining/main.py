@@ -500,12 +500,12 @@ def evaluate(args, device):
     t0 = time.perf_counter()
     root = tiny_root(args) if (args.data_root is not None or args.embedded) else None
     if args.checkpoint is not None:
-        model, ck = model_from_checkpoint(args.checkpoint, args)
+        model, _ = model_from_checkpoint(args.checkpoint, args)
     elif args.embedded:
         print("no --checkpoint: evaluating a randomly initialised MTL model (embedded demo)", flush=True)
         runtime.seed_everything(args.seed)
-        model, ck = build_model("mtl", len(datasets.read_wnids(root)),
-                                {k: s["train"].n_neurons for k, s in neural_sets(args).items()}, args), {}
+        model = build_model("mtl", len(datasets.read_wnids(root)),
+                            {k: s["train"].n_neurons for k, s in neural_sets(args).items()}, args)
     else:
         raise UserError("--mode evaluate needs --checkpoint (a best.pt of --mode train)")
     baseline = None
@@ -648,7 +648,7 @@ def benchmark(args, device):
     runtime.seed_everything(args.seed)
     res = {"mode": "benchmark", "device": str(device), "batch_size": bs, "neural_batch_size": bs, "ratio": str(k),
            "image_size": 64, "iters": iters, "amp": args.amp if cuda else "off", "compile": args.compile}
-    for task in ("mtl", "image"):
+    def measure(task):  # one model at a time: its memory is freed on return
         runtime.reset_peak_memory(device)
         model = build_model(task, 200, {"s1": 100} if task == "mtl" else None, args).to(device)
         model = model.to(memory_format=torch.channels_last) if cuda else model
@@ -679,7 +679,8 @@ def benchmark(args, device):
         if task == "mtl":  # neural batches run in the timed steps (after the warm-up steps)
             res["mtl_neural_batches_per_image_batch"] = round(sum(plan[warmup:]) / iters, 3)
             res["mtl_all_images_per_s"] = round(bs * (1 + sum(plan[warmup:]) / iters) / sec, 2)
-        del model, run, opt
+    for task in ("mtl", "image"):
+        measure(task)
     res["mtl_vs_image_throughput_ratio"] = round(res["mtl_images_per_s"] / res["image_images_per_s"], 3)
     res["peak_mem_kind"] = "cuda max_memory_allocated" if cuda else "process peak RSS (VmHWM)"
     print(json.dumps(res), flush=True)

@@ -4,7 +4,6 @@ a planted population."""
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 
