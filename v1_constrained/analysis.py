@@ -68,7 +68,7 @@ def add_flags(parser) -> None:
                    "most by a centred grating (for the polar models the fovea is not the map's centre)")
     g.add_argument("--protocol", choices=("full", "quick"), default="full", help="full: the stimulus sets of the "
                    "module docstring (7465 images); quick: 1 aperture, 1 SF-set radius, 2 orientations for the SF "
-                   "and size sets, 11 x 11 RF grid (1577 images; smoke tests)")
+                   "and size sets, 11 x 11 RF grid (1573 images; smoke tests)")
     g.add_argument("--rf_tolerance", type=float, default=0.5, help="keep units whose RF centroid is within this "
                    "many degrees of the stimulus centre (Brain-Score 0.15°; the RF grid step here is 0.25°)")
     g.add_argument("--compare", nargs="+", default=None, metavar="RUN", help="eval_c: eval_c run folders (or "
