@@ -66,11 +66,16 @@ def test_resume_and_refuse_overwrite(trained, cache):
 
 @pytest.fixture(scope="module")
 def evaluated(trained, cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mtl_eval") / "run"
-    run(["--mode", "evaluate", "--checkpoint", trained[0] / "best.pt", "--cache_root", cache, "--output_root", out,
-         "--corruptions", "gaussian_noise", "contrast", "--severities", 1, 5, "--noise_levels", 0, 0.5,
-         "--limit_eval_batches", 1, "--device", "cpu"])
-    return out
+    """One evaluate run against a hand-made baseline that gets every corrupted image wrong (error 1 per cell), so
+    CE_c = 100 · (1 − mean accuracy of corruption c) and mCE = 100 · (1 − mean corrupted accuracy)."""
+    tmp = tmp_path_factory.mktemp("mtl_eval")
+    base = {"clean_acc": 0.5, "c_table": {c: {"1": 0.0, "5": 0.0} for c in ("gaussian_noise", "contrast")},
+            "noise_levels": [0.0, 0.5], "noise_acc": [0.5, 0.2]}
+    (tmp / "base.json").write_text(json.dumps(base))
+    run(["--mode", "evaluate", "--checkpoint", trained[0] / "best.pt", "--cache_root", cache, "--output_root",
+         tmp / "run", "--corruptions", "gaussian_noise", "contrast", "--severities", 1, 5, "--noise_levels", 0, 0.5,
+         "--limit_eval_batches", 1, "--device", "cpu", "--baseline_results", tmp / "base.json"])
+    return tmp / "run"
 
 
 def test_evaluate(evaluated):
@@ -80,17 +85,11 @@ def test_evaluate(evaluated):
     assert res["mean_corrupted_acc"] == pytest.approx(np.mean(cells))
     assert len(res["noise_acc"]) == 2 and res["noise_acc"][0] == pytest.approx(res["clean_acc"])  # std 0 = clean
     assert -1 <= res["neural_test"]["corr"] <= 1
-    assert (evaluated / "figures" / "corruption_accuracy.png").is_file()
-
-
-def test_evaluate_against_baseline_gives_mce_100_for_itself(trained, evaluated, cache, tmp_path):
-    run(["--mode", "evaluate", "--checkpoint", trained[0] / "best.pt", "--cache_root", cache,
-         "--output_root", tmp_path / "e2", "--corruptions", "gaussian_noise", "contrast", "--severities", 1, 5,
-         "--noise_levels", 0, 0.5, "--limit_eval_batches", 1, "--device", "cpu",
-         "--baseline_results", evaluated / "results.json"])
-    res = json.loads((tmp_path / "e2" / "results.json").read_text())
-    assert res["mce"] == pytest.approx(100.0)
-    assert all(v == pytest.approx(100.0) for v in res["corruption_errors"].values())
+    for c, sev in res["c_table"].items():
+        assert res["corruption_errors"][c] == pytest.approx(100 * (1 - np.mean(list(sev.values()))))
+    assert res["mce"] == pytest.approx(100 * (1 - res["mean_corrupted_acc"]))
+    for f in ("corruption_accuracy.png", "noise_robustness.png"):
+        assert (evaluated / "figures" / f).is_file()
 
 
 def test_predict_targets_read_back(trained, cache, tmp_path):
