@@ -4,7 +4,7 @@ limited resource system that self-learns an ecologically-general representation"
 
 Usage (from the repo root or from inside mouse_vision/):
 
-  # embedded default: alexnet_bn + Instance Recognition on a synthetic 10-class image tree, ~1-2 min on a CPU
+  # embedded default: alexnet_bn + Instance Recognition on a synthetic 10-class image tree, 5 short epochs
   python mouse_vision/main.py --mode train
 
   # one GPU, a released recipe on ImageNet (64x64 inputs; bf16 autocast, channels_last)
@@ -78,12 +78,19 @@ for _a in ("dual_stream", "six_stream"):
 DEFAULTS = dict(arch="alexnet_bn", loss="ir", epochs=200, batch_size=256, lr=0.003, optimizer="sgd", momentum=0.9,
                 weight_decay=5e-4, nesterov=False, schedule="steps", milestones=[120, 160], gamma=0.1,
                 warmup_epochs=0, crop_size=224, num_workers=8, log_every=100, monitor_images=10000, n_noise=4096)
-# Embedded: a 10-class synthetic tree of 200 64-px images (so the crop is 64 px), three short epochs (~1 CPU
-# minute) at the release's lr. With only N = 200 bank entries
-# the release's m = 4096 noise draws would hold each positive ~20 times (it is not excluded) and push it away:
-# m = 64 keeps m/N < 1 as on ImageNet (4096/1.28M).
+# Embedded: a 10-class synthetic tree of 200 64-px images (so the crop is 64 px), a few short epochs. With only
+# N = 200 bank entries the release's m = 4096 noise draws would hold each positive ~20 times (it is not excluded)
+# and push it away: m = 64 keeps m/N < 1 as on ImageNet (4096/1.28M).
 EMBEDDED = dict(epochs=3, batch_size=32, crop_size=64, num_workers=0, log_every=3, milestones=[2], warmup_epochs=1,
                 monitor_images=200, n_noise=64)
+# IR only (slug ir-embedded-lr): at init the embeddings of a random alexnet_bn share a common direction (mean
+# pairwise cosine 0.34, from the ReLU outputs), above the fixed-Z saturation point v·m > τ·ln(2.245·m) = 0.35 at
+# m = 64, so each noise term pushes with ~1/τ and the summed push is the same direction −(bank mean) for every
+# image. At the release's lr 0.003 one SGD step moves all embeddings onto that one direction (mean cosine 0.34 →
+# 0.98; measured on the embedded images), the bank fills with it and the NCE value climbs (15.9 → 102 → 272 over
+# three epochs) while the nearest-bank accuracy sits at chance. ImageNet-length training outgrows this phase; a
+# 3-minute run cannot, so the embedded IR run takes lr 1e-5 (no step), batch 16 (more, smaller steps), 5 epochs.
+EMBEDDED_IR = dict(lr=1e-5, batch_size=16, epochs=5, schedule="constant")
 EMBEDDED_LR = {"supervised": 0.03, "rotnet": 0.03, "ae": 0.03, "relloc": 0.03, "depth": 0.03}
 
 
@@ -138,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "--arch × --loss and of alexnet_bn × supervised in the same run; neural_fit: neural_fit.py's")
     bench.add_argument("--bench_batch_size", type=int, default=None, help="benchmark batch (256 on CUDA, 16 on CPU)")
     bench.add_argument("--bench_iters", type=int, default=None, help="timed steps (20 on CUDA, 3 on CPU)")
-    settings.add_shared_flags(p, help={"epochs": "recipe: IR 200, SimSiam 100, ...; embedded 4",
-                                       "batch_size": "recipe: IR 256, SimCLR 4096, ...; embedded 32",
-                                       "lr": "recipe: alexnet_bn_ir 0.003, dual/six IR 0.03, SimCLR 4.8, ...",
+    settings.add_shared_flags(p, help={"epochs": "recipe: IR 200, SimSiam 100, ...; embedded 3 (IR 5)",
+                                       "batch_size": "recipe: IR 256, SimCLR 4096, ...; embedded 32 (IR 16)",
+                                       "lr": "recipe: alexnet_bn_ir 0.003, dual/six IR 0.03, SimCLR 4.8, ...; embedded IR 1e-5",
                                        "log_every": "100; embedded 5"})
     if neural_fit is not None:
         neural_fit.add_args(p)
@@ -164,7 +171,8 @@ def resolve_training(args):
     layers = [("paper", paper)]
     args.embedded = args.data_root is None
     if args.embedded:
-        layers.append(("embedded", {**EMBEDDED, **({"lr": EMBEDDED_LR[loss]} if loss in EMBEDDED_LR else {})}))
+        layers.append(("embedded", {**EMBEDDED, **({"lr": EMBEDDED_LR[loss]} if loss in EMBEDDED_LR else {}),
+                                    **(EMBEDDED_IR if loss == "ir" else {})}))
     settings.resolve(args, DEFAULTS, *layers)
     if args.arch not in ARCHS:
         raise UserError(f"--arch {args.arch!r} cannot be trained here; expected one of {', '.join(ARCHS)}")
@@ -326,16 +334,22 @@ def make_loader(ds, args, dist, device, train: bool, epoch: int = 0):
 
 
 @torch.no_grad()
-def embed(model_fn, loader, device, args, limit=None):
-    feats, labels = [], []
+def embed(model_fn, loader, device, args, limit=None, head=None):
+    """L2-normalised model_fn outputs and labels of a loader; with `head`, also normalised head(outputs) from the
+    same forward pass (IR's monitor needs both and pays for one backbone pass)."""
+    feats, heads, labels = [], [], []
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
         views, y, _ = to_device(batch, device)
         with runtime.autocast(device, args.amp):
-            feats.append(F.normalize(model_fn(views[0]).float(), dim=1))
+            f = model_fn(views[0])
+            feats.append(F.normalize(f.float(), dim=1))
+            if head is not None:
+                heads.append(head(f).float())
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    out = (torch.cat(feats), torch.cat(labels))
+    return (*out, torch.cat(heads)) if head is not None else out
 
 
 @torch.no_grad()
@@ -362,14 +376,15 @@ def monitor(trainee, ref_ds, val_ds, args, device, dist):
         out = {}
         if args.loss == "ir":  # the release's IR validation: label of the nearest memory-bank entry
             obj = trainee.objective
-            v, y = embed(lambda x: obj.embed(trainee.backbone(x)), val_loader, device, args, args.limit_val_batches)
-            pred = torch.as_tensor(ref_ds.targets, device=device)[(v @ obj.bank.float().t()).argmax(1)]
+            v, y, e = embed(trainee.backbone, val_loader, device, args, args.limit_val_batches, head=obj.embed)
+            pred = torch.as_tensor(ref_ds.targets, device=device)[(e @ obj.bank.float().t()).argmax(1)]
             correct, n = runtime.all_reduce_sum([(pred == y).sum().item(), len(y)], dist, device)
             out["monitor_bank_acc"] = correct / max(n, 1)
+        else:
+            v, y = embed(trainee.backbone, val_loader, device, args, args.limit_val_batches)
         n_ref = min(args.monitor_images, len(ref_ds))
         ref_loader = DataLoader(Subset(ref_ds, range(n_ref)), batch_size=args.batch_size, num_workers=args.num_workers)
         ref, ref_y = embed(trainee.backbone, ref_loader, device, args)
-        v, y = embed(trainee.backbone, val_loader, device, args, args.limit_val_batches)
         pred = ref_y[(v @ ref.float().t()).argmax(1)]
         correct, n = runtime.all_reduce_sum([(pred == y).sum().item(), len(y)], dist, device)
         return {"monitor_acc": correct / max(n, 1), **out, "monitor_n": int(n)}
