@@ -37,6 +37,7 @@ def test_ir_bank_init_update_and_nearest_entry():
     torch.manual_seed(0)
     ir = losses.InstanceRecognition(8, n_data=50, dim=16)
     assert torch.allclose(ir.bank.norm(dim=1), torch.ones(50), atol=1e-6)
+    assert ir.Z == pytest.approx(2876934.2 / 1281167 * 50)  # the release's normaliser scaled to N = 50 rows
     old = ir.bank.clone()
     v = torch.nn.functional.normalize(torch.randn(2, 16), dim=1)
     ir._pending = (v, torch.tensor([5, 9]))
