@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_shared_flags(p, help={"epochs": "recipe: IR 200, SimSiam 100, ...; embedded 3 (IR 5)",
                                        "batch_size": "recipe: IR 256, SimCLR 4096, ...; embedded 32 (IR 16)",
                                        "lr": "recipe: alexnet_bn_ir 0.003, dual/six IR 0.03, SimCLR 4.8, ...; embedded IR 1e-5",
-                                       "log_every": "100; embedded 5"})
+                                       "log_every": "100; embedded 3"})
     if neural_fit is not None:
         neural_fit.add_args(p)
     return p
