@@ -58,10 +58,11 @@ def test_embedded_default_trains_ir_above_chance(tmp_path):
     assert res["final_monitor_acc"] > res["chance_acc"] == 0.1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4] and all("monitor_bank_acc" in r for r in rows)
-    # IR learns on the embedded data: the NCE value falls and the held-out kNN monitor ends above its epoch-0 value
-    # (at the release's lr 0.003 the loss climbed 15.9 → 272 and the monitor fell to 0.65: README)
-    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    assert rows[-1]["monitor_acc"] > rows[0]["monitor_acc"]
+    # IR learns on the embedded data: the NCE value falls by a wide margin (≈ 12 → 6 measured) and the held-out kNN
+    # monitor stays far above chance (at the release's lr 0.003 the loss climbed 15.9 → 272 and the monitor fell to
+    # 0.65: README). Its epoch-to-epoch change over 16 held-out images (±1 image) is too small to assert on.
+    assert rows[-1]["train_loss"] < 0.75 * rows[0]["train_loss"]
+    assert min(r["monitor_acc"] for r in rows) > 3 * res["chance_acc"]
     last = load(out / "last.pt")
     assert last["epoch"] == 5 and last["loss_state"]["bank"].shape == (200, 128)
     assert "features.0.weight" in last["model"] and (out / "best.pt").is_file()
