@@ -49,7 +49,6 @@ def test_neural_fit_embedded_default(tmp_path, capsys):
 
 
 def _main(*argv):
-    sys.path.insert(0, str(REPO))  # main.py's own line does the same when run as a script
     from mouse_vision import main as mv_main
 
     return mv_main.main([*argv])

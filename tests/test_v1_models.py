@@ -10,7 +10,8 @@ from v1_constrained.models import (MODEL_TYPES, DoGConv2d, DoGLayer, LocallyConn
                                    StdDivNorm, TunedNorm, build_model, count_parameters, lc_broadcast, polar_broadcast,
                                    polar_masks, remap_release_keys, replace_head)
 
-# The research note's table (1000 classes; totals include frozen Parameters, not buffers).
+# The release's parameter counts (explaining_v1 models, 1000 classes; totals include frozen Parameters, not
+# buffers; composite_a's 35,156,346 is also in its Brain-Score metadata.yml).
 PARAMS = {
     "resnet50": (25_557_032, 25_557_032),
     "resnet50_cortical_magnification": (25_557_032, 25_557_032),
