@@ -258,6 +258,19 @@ class RunDir:
         return fig / name
 
 
+def open_run_dir(args, dist) -> RunDir:
+    """The run folder of a (possibly torchrun) training mode: every rank first runs the read-only checks (same files,
+    same verdict, so a bad --output_root fails on all ranks alike), then rank 0 alone creates or wipes the folder;
+    the other ranks get a RunDir whose writes do nothing."""
+    from common.runtime import barrier
+
+    check = RunDir(args.output_root, vars(args), resume=args.resume, overwrite=args.overwrite, is_main=False)
+    barrier(dist)
+    rd = RunDir(args.output_root, vars(args), resume=args.resume, overwrite=args.overwrite) if dist.is_main else check
+    barrier(dist)
+    return rd
+
+
 def _plain_scalar(v):
     if isinstance(v, torch.Tensor):
         return v.item() if v.numel() == 1 else v.tolist()

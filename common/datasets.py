@@ -246,6 +246,24 @@ class TensorBatcher:
             yield tuple(t.index_select(0, sel) for t in self.tensors)
 
 
+def epoch_loader(ds, args, dist, device: torch.device, train: bool, epoch: int = 0, drop_last: bool = False):
+    """The DataLoader of one epoch, reproducible from (args.seed, epoch) alone — so a run resumed at an epoch sees
+    the batches an uninterrupted run sees. Train: shuffled by a generator seeded with (seed, epoch), or a
+    DistributedSampler under torchrun; `drop_last` keeps only full batches (contrastive losses need them).
+    Evaluation: ShardSampler, every item on exactly one rank, no padding. Uses args.batch_size / seed / num_workers."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+    if train and dist.enabled:
+        sampler = torch.utils.data.DistributedSampler(ds, dist.world_size, dist.rank, shuffle=True, seed=args.seed,
+                                                      drop_last=drop_last)
+        sampler.set_epoch(epoch)
+    elif train:
+        sampler = torch.utils.data.RandomSampler(ds, generator=g)
+    else:
+        sampler = ShardSampler(len(ds), dist.rank, dist.world_size)
+    return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                                       pin_memory=device.type == "cuda", generator=g, drop_last=train and drop_last)
+
+
 class ShardSampler(torch.utils.data.Sampler):
     """Indices rank, rank+world, ... with no padding: every sample is evaluated exactly once over ranks
     (exact distributed validation; sum counts with `common.runtime.all_reduce_sum`)."""

@@ -136,6 +136,12 @@ def cleanup_distributed(info: DistInfo) -> None:
             dist.destroy_process_group()
 
 
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if info.enabled:
+        torch.distributed.barrier()
+
+
 def all_reduce_sum(values, info: DistInfo, device: torch.device) -> list[float]:
     """Sum a list of numbers over ranks (exact distributed evaluation: counts, not averages)."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from common import checkpoint, datasets, plots, runtime, settings, synthetic  # noqa: E402
 from common.runtime import UserError  # noqa: E402
@@ -316,20 +316,6 @@ def open_data(args, dist):
     return train, mvdata.Views(base_train, [ev]), mvdata.Views(base_val, [ev]), root
 
 
-def make_loader(ds, args, dist, device, train: bool, epoch: int = 0):
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
-    if train and dist.enabled:
-        sampler = DistributedSampler(ds, dist.world_size, dist.rank, shuffle=True, seed=args.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-    elif train:
-        sampler = RandomSampler(ds, generator=g)
-    else:
-        sampler = datasets.ShardSampler(len(ds), dist.rank, dist.world_size)
-    # contrastive losses need equal, full batches (BN over >1 sample, gathers of equal shapes)
-    return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                      pin_memory=device.type == "cuda", drop_last=train, generator=g)
-
-
 # ----------------------------------------------------------------------------- monitor
 
 
@@ -360,7 +346,7 @@ def monitor(trainee, ref_ds, val_ds, args, device, dist):
     needs an epoch or more before the bank holds trained embeddings). Depth: held-out 0.5·MSE. Exact under
     torchrun (held-out images sharded, counts summed)."""
     trainee.eval()
-    val_loader = make_loader(val_ds, args, dist, device, train=False)
+    val_loader = datasets.epoch_loader(val_ds, args, dist, device, train=False)
     try:
         if args.loss == "depth":
             total, n = 0.0, 0
@@ -409,18 +395,6 @@ def train(args):
         runtime.cleanup_distributed(dist)
 
 
-def open_rundir(args, dist) -> checkpoint.RunDir:
-    """Every rank runs the read-only checks first (same verdict everywhere), then rank 0 alone creates the folder."""
-    check = checkpoint.RunDir(args.output_root, vars(args), resume=args.resume, overwrite=args.overwrite, is_main=False)
-    if dist.enabled:
-        torch.distributed.barrier()
-    rd = checkpoint.RunDir(args.output_root, vars(args), resume=args.resume, overwrite=args.overwrite) \
-        if dist.is_main else check
-    if dist.enabled:
-        torch.distributed.barrier()
-    return rd
-
-
 def fit(args, dist, device):
     train_ds, ref_ds, val_ds, root = open_data(args, dist)
     n_classes = len(train_ds.classes)
@@ -430,7 +404,7 @@ def fit(args, dist, device):
         load_model_path(backbone, args.model_path)
     objective = build_objective(args.loss, backbone, len(train_ds), n_classes, **objective_kwargs(args))
     trainee = Trainee(backbone, objective)
-    rd = open_rundir(args, dist)
+    rd = checkpoint.open_run_dir(args, dist)
     run = prepare(trainee, args, device, dist)
     optimizer = make_optimizer(trainee, args)
     start_epoch, step, best = 0, 0, None
@@ -462,7 +436,7 @@ def fit(args, dist, device):
         lr = lr_at(args, epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loader = make_loader(train_ds, args, dist, device, train=True, epoch=epoch)
+        loader = datasets.epoch_loader(train_ds, args, dist, device, train=True, epoch=epoch, drop_last=True)
         n_batches = min(len(loader), args.limit_train_batches or len(loader))
         if n_batches == 0:
             raise UserError(f"{root}: {len(train_ds)} training images give no full batch of {args.batch_size} per process")

@@ -48,7 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler  # noqa: E402
 
 from common import checkpoint, datasets, metrics, plots, runtime, settings, shard  # noqa: E402
 from common.runtime import UserError  # noqa: E402
@@ -139,31 +138,11 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- plumbing
 
 
-def barrier(dist):
-    if dist.enabled:
-        torch.distributed.barrier()
-
-
 def to_device(x, y, device):
     x = x.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True)
-
-
-def make_loader(ds, args, dist, device, train: bool, epoch: int = 0):
-    """Train: shuffled with a generator seeded by (seed, epoch) (DistributedSampler under torchrun);
-    val: ShardSampler, every image on exactly one rank, no padding."""
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
-    if train and dist.enabled:
-        sampler = DistributedSampler(ds, dist.world_size, dist.rank, shuffle=True, seed=args.seed)
-        sampler.set_epoch(epoch)
-    elif train:
-        sampler = RandomSampler(ds, generator=g)
-    else:
-        sampler = datasets.ShardSampler(len(ds), dist.rank, dist.world_size)
-    return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                      pin_memory=device.type == "cuda", generator=g, drop_last=False)
 
 
 def load_checkpoint_model(args, path):
@@ -270,7 +249,7 @@ def open_data(args, dist, need_train: bool):
     if root is None:
         if dist.is_main:
             root = v1data.ensure_synthetic_tiny(args.cache_root)
-        barrier(dist)
+        runtime.barrier(dist)
         root = v1data.ensure_synthetic_tiny(args.cache_root)
         args.dataset = "tinyimagenet"
     dataset = args.dataset or v1data.detect_dataset(root)
@@ -281,17 +260,6 @@ def open_data(args, dist, need_train: bool):
     if train_ds is not None and len(train_ds.classes) != len(val_ds.classes):
         raise UserError(f"{root}: train has {len(train_ds.classes)} classes but val has {len(val_ds.classes)}")
     return train_ds, val_ds, dataset, str(root)
-
-
-def open_rundir(args, dist) -> checkpoint.RunDir:
-    """Every rank first runs the read-only checks (same files, same verdict: a bad --output_root fails on all
-    ranks alike), then rank 0 alone creates or wipes the folder."""
-    check = checkpoint.RunDir(args.output_root, vars(args), resume=args.resume, overwrite=args.overwrite, is_main=False)
-    barrier(dist)
-    rd = checkpoint.RunDir(args.output_root, vars(args), resume=args.resume, overwrite=args.overwrite) \
-        if dist.is_main else check
-    barrier(dist)
-    return rd
 
 
 def linear_probe(model, n_classes: int):
@@ -323,7 +291,7 @@ def fit(args, dist, device):
     if args.mode == "finetune":
         runtime.seed_everything(args.seed)
         linear_probe(model, n_classes)
-    rd = open_rundir(args, dist)
+    rd = checkpoint.open_run_dir(args, dist)
     run, raw = prepare_for_device(model, args, device, dist)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -354,13 +322,13 @@ def fit(args, dist, device):
     val = None
     for epoch in range(start_epoch, args.epochs):
         runtime.seed_everything(args.seed + 1000 * epoch + dist.rank)  # resume at an epoch == never stopping
-        loader = make_loader(train_ds, args, dist, device, train=True, epoch=epoch)
+        loader = datasets.epoch_loader(train_ds, args, dist, device, train=True, epoch=epoch)
         n_batches = min(len(loader), args.limit_train_batches or len(loader))
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         train_loss, train_acc, ips, nb = train_epoch(run, loader, optimizer, scaler, args, device, dist, epoch, n_batches)
         step += nb
-        val = evaluate(raw, make_loader(val_ds, args, dist, device, train=False), args, device, dist, args.limit_val_batches)
+        val = evaluate(raw, datasets.epoch_loader(val_ds, args, dist, device, train=False), args, device, dist, args.limit_val_batches)
         scheduler.step()
         row = {"epoch": epoch, "step": step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, **val,
                "images_per_s": ips, "epoch_time_s": time.perf_counter() - t0}
@@ -426,10 +394,10 @@ def validate(args, dist, device):
     _, val_ds, dataset, root = open_data(args, dist, need_train=False)
     n_classes = len(val_ds.classes)
     model = model_to_evaluate(args, n_classes, root)
-    rd = open_rundir(args, dist)
+    rd = checkpoint.open_run_dir(args, dist)
     _, raw = prepare_for_device(model, args, device, dist)
     t0 = time.perf_counter()
-    val = evaluate(raw, make_loader(val_ds, args, dist, device, train=False), args, device, dist, args.limit_val_batches)
+    val = evaluate(raw, datasets.epoch_loader(val_ds, args, dist, device, train=False), args, device, dist, args.limit_val_batches)
     res = {"mode": "validate", "model_type": args.model_type, "dataset": dataset, "data_root": root,
            "model_path": args.model_path, "num_classes": n_classes, "chance_acc": 1 / n_classes, **val,
            "wall_time_s": time.perf_counter() - t0}
@@ -479,7 +447,7 @@ def eval_c(args, dist, device):
             ds = v1data.load_split("tinyimagenet", tiny, "val") if c is None else \
                 v1data.corruption_cell(c_root, c, sev, classes)
             t0 = time.perf_counter()
-            val = evaluate(raw, make_loader(ds, args, dist, device, train=False), args, device, dist,
+            val = evaluate(raw, datasets.epoch_loader(ds, args, dist, device, train=False), args, device, dist,
                            args.limit_val_batches)
             robustness.write_unit(out, u, {**val, "wall_time_s": time.perf_counter() - t0}, args)
             print(f"{u}: top-1 {val['valid_acc']:.4f} ({val['n_valid']} images)", flush=True)
