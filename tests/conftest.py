@@ -13,3 +13,26 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the suite is a CPU suite, e
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+class CliResult:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run a main.py's CLI in-process: `cli(main_fn, argv)` → (.returncode, .stderr). runtime.run_cli turns a
+    UserError into one stderr line and exit status 2, exactly as the script does; no interpreter start."""
+    from common import runtime
+
+    def call(main_fn, argv):
+        capsys.readouterr()
+        try:
+            runtime.run_cli(main_fn, [str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return CliResult(code, capsys.readouterr().err)
+
+    return call

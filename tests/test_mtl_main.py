@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mtl_cotraining import data
+from mtl_cotraining import main as mtl_main
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = str(REPO / "mtl_cotraining" / "main.py")
@@ -55,9 +56,9 @@ def test_train_writes_run_folder(trained):
     assert args["settings_source"]["lr"] == "embedded" and args["settings_source"]["momentum"] == "paper"
 
 
-def test_resume_and_refuse_overwrite(trained, cache, capsys):
+def test_resume_and_refuse_overwrite(trained, cache, cli):
     out, _ = trained
-    p = cli(capsys, ["--mode", "train", "--cache_root", cache, "--output_root", out, *SMALL])
+    p = cli(mtl_main.main, ["--mode", "train", "--cache_root", cache, "--output_root", out, *SMALL])
     assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
     run(["--mode", "train", "--cache_root", cache, "--output_root", out, *SMALL, "--epochs", 2, "--resume"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -124,40 +125,20 @@ def test_benchmark_json_line():
                                                                  rel=0.01)
 
 
-class _Exit:
-    def __init__(self, code, err):
-        self.returncode, self.stderr = code, err
-
-
-def cli(capsys, argv, check=False):
-    """main.py's CLI in-process: runtime.run_cli turns a UserError into one stderr line and exit status 2."""
-    from common import runtime
-    from mtl_cotraining import main as mtl_main
-
-    capsys.readouterr()
-    try:
-        runtime.run_cli(mtl_main.main, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return _Exit(code, capsys.readouterr().err)
-
-
-def test_bad_input_exits_2(tmp_path, cache, capsys):
+def test_bad_input_exits_2(tmp_path, cache, cli):
     """One subprocess proves the exit status end to end; the rest run in-process through run_cli (the same error
     path: exit 2, one line, no traceback), sparing an interpreter start each."""
     p = run(["--task", "image", "--mode", "train", "--data_root", tmp_path / "nope", "--output_root", tmp_path / "o"],
             check=False)
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
-    p = cli(capsys, ["--mode", "train", "--ratio", "abc", "--output_root", tmp_path / "o"], check=False)
+    p = cli(mtl_main.main, ["--mode", "train", "--ratio", "abc", "--output_root", tmp_path / "o"])
     assert p.returncode == 2 and "--ratio" in p.stderr
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    p = cli(capsys, ["--mode", "evaluate", "--checkpoint", junk, "--cache_root", cache, "--output_root", tmp_path / "e"],
-            check=False)
+    p = cli(mtl_main.main, ["--mode", "evaluate", "--checkpoint", junk, "--cache_root", cache, "--output_root", tmp_path / "e"])
     assert p.returncode == 2 and "junk.pt" in p.stderr
     evil = tmp_path / "evil"
     (evil / "neuronal_data").mkdir(parents=True)
     (evil / "neuronal_data" / "s.pickle").write_bytes(pickle.dumps({"training_responses": Path("x")}))
-    p = cli(capsys, ["--task", "neural", "--mode", "train", "--neural_root", evil, "--output_root", tmp_path / "n"], check=False)
+    p = cli(mtl_main.main, ["--task", "neural", "--mode", "train", "--neural_root", evil, "--output_root", tmp_path / "n"])
     assert p.returncode == 2 and "not allowed" in p.stderr and not (tmp_path / "n").exists()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import checkpoint, runtime, synthetic
+from common import checkpoint, synthetic
 from common.runtime import UserError
 from v1_constrained import main as v1main
 from v1_constrained.models import MODEL_TYPES, build_model, count_parameters
@@ -318,43 +318,25 @@ def test_v1_props_runs_and_compares(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-class _Exit:
-    def __init__(self, code, err):
-        self.returncode, self.stderr = code, err
-
-
-def cli(capsys, argv, check=False):
-    """main.py's CLI in-process: runtime.run_cli turns a UserError into one stderr line and exit status 2."""
-    capsys.readouterr()
-    try:
-        runtime.run_cli(v1main.main, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return _Exit(code, capsys.readouterr().err)
-
-
-def test_bad_input_exits_2(tree, tmp_path, trained, capsys):
+def test_bad_input_exits_2(tree, tmp_path, trained, cli):
     """One subprocess proves the exit status end to end; the other cases run in-process through run_cli (same
     error path: exit 2, one line, no traceback), sparing an interpreter start each."""
     p = run(["--mode", "train", "--model_type", "resnet50_nope", "--output_root", tmp_path / "x"], check=False)
     assert p.returncode == 2 and "invalid choice" in p.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    p = cli(capsys, ["--mode", "train", "--data_root", empty, "--dataset", "tinyimagenet", "--output_root", tmp_path / "y"],
-            check=False)
+    p = cli(v1main.main, ["--mode", "train", "--data_root", empty, "--dataset", "tinyimagenet", "--output_root", tmp_path / "y"])
     assert p.returncode == 2 and "wnids.txt" in p.stderr and "Traceback" not in p.stderr
     out, _ = trained
-    p = cli(capsys, ["--mode", "validate", "--model_type", "resnet50_composite_d", "--model_path", out / "last.pt",
-             "--output_root", tmp_path / "z", *fast(tree)], check=False)
+    p = cli(v1main.main, ["--mode", "validate", "--model_type", "resnet50_composite_d", "--model_path", out / "last.pt",
+             "--output_root", tmp_path / "z", *fast(tree)])
     assert p.returncode == 2 and "is a resnet50_composite_a model" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "z").exists()
-    p = cli(capsys, ["--mode", "eval_c", "--data_root", tree, "--c_root", tmp_path / "nope", "--output_root", tmp_path / "c"],
-            check=False)
+    p = cli(v1main.main, ["--mode", "eval_c", "--data_root", tree, "--c_root", tmp_path / "nope", "--output_root", tmp_path / "c"])
     assert p.returncode == 2 and "nope is not a folder" in p.stderr and "Traceback" not in p.stderr
-    p = cli(capsys, ["--mode", "eval_c", "--data_root", tree, "--c_root", tree, "--shard", "slurm", "--output_root",
-             tmp_path / "c"], check=False)
+    p = cli(v1main.main, ["--mode", "eval_c", "--data_root", tree, "--c_root", tree, "--shard", "slurm", "--output_root",
+             tmp_path / "c"])
     assert p.returncode == 2 and "SLURM_ARRAY_TASK_ID" in p.stderr
-    p = cli(capsys, ["--mode", "v1_props", "--unit_position", "99,0", "--model_type", "resnet50", "--device", "cpu",
-             "--output_root", tmp_path / "v"], check=False)
+    p = cli(v1main.main, ["--mode", "v1_props", "--unit_position", "99,0", "--model_type", "resnet50", "--device", "cpu",
+             "--output_root", tmp_path / "v"])
     assert p.returncode == 2 and "outside layer1's 16x16 map" in p.stderr and "Traceback" not in p.stderr
