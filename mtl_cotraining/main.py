@@ -51,7 +51,7 @@ NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # the original's `validatio
 DEFAULTS = dict(epochs=407, batch_size=128, lr=0.1, log_every=100, optimizer="sgd", momentum=0.75,
                 weight_decay=5e-4, lr_factor=0.3, lr_patience=5, lr_threshold=1e-4, min_lr=1e-4, es_patience=5,
                 es_rounds=5, neural_batch_size=128, neural_loss="mse", loss_weighting="on", scale_loss="off",
-                gamma_readout=0.5, ratio="1", workers=8)
+                gamma_readout=0.5, ratio="1", workers=8, readout_lr=None)
 # The recipes of the NeurIPS submission (nntransfer_recipes `_2021_05_21_NeurIPS_submission`): co-training, the
 # image-only baseline, and the single-task V1 model whose predictions are the co-training targets.
 PRESETS = {
@@ -61,12 +61,14 @@ PRESETS = {
                neural_loss="poisson", loss_weighting="off", scale_loss="on"),
 }
 TASK_PRESET = {"mtl": "mtl", "image": "baseline", "neural": "v1"}
-# Embedded: VGG-19-BN at 64 px trains at ~9 img/s on 2 CPU cores, so a few hundred images, small batches and Adam
-# (the recipe's SGD 0.1 needs far more steps than a 3-minute budget allows).
-EMBEDDED = dict(epochs=4, batch_size=16, neural_batch_size=16, lr=2e-4, optimizer="adam", log_every=4, workers=0,
-                lr_patience=5, es_patience=3, es_rounds=1)
+# Embedded: VGG-19-BN at 64 px trains at ~6 img/s on 2 CPU cores (plus ~6 img/s of neural batches), so a few hundred
+# images, batch 8 (twice the optimizer steps of batch 16 at the same cost) and Adam: the recipe's SGD 0.1 needs far
+# more steps than a 3-minute budget allows. The readouts get a larger lr (--readout_lr): their positions must travel
+# a fair part of the map, which at 5e-4 per Adam step takes thousands of steps, not the 46 of this run.
+EMBEDDED = dict(epochs=2, batch_size=8, neural_batch_size=16, lr=5e-4, readout_lr=3e-2, optimizer="adam", log_every=8,
+                workers=0, lr_patience=5, es_patience=3, es_rounds=1)
 EMBEDDED_TINY = dict(n_classes=5, n_train_per_class=40, n_val_per_class=10)
-EMBEDDED_NEURAL = dict(n_sessions=2, n_neurons=24, n_train=480, n_test=40, test_repeats=4, mean_rate=10.0)
+EMBEDDED_NEURAL = dict(n_sessions=2, n_neurons=24, n_train=480, n_test=100, test_repeats=4, mean_rate=10.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--task", choices=TASKS, default="mtl", help="mtl: co-training; image: the image-only baseline; neural: the "
       "single-task V1 model (core + readouts)")
     a("--preset", choices=tuple(PRESETS), default=None, help="recipe (default: mtl, baseline or v1 by --task)")
-    settings.add_shared_flags(p, help={"epochs": "maximum; paper 407 (baseline 400, v1 150); embedded 4",
-                                       "batch_size": "image batch; paper 128; embedded 16",
-                                       "lr": "paper 0.1 (v1 5e-4); embedded 2e-4",
+    settings.add_shared_flags(p, help={"epochs": "maximum; paper 407 (baseline 400, v1 150); embedded 2",
+                                       "batch_size": "image batch; paper 128; embedded 8",
+                                       "lr": "paper 0.1 (v1 5e-4); embedded 5e-4",
                                        "data_root": "Tiny-ImageNet root (tasks mtl/image, predict_targets, evaluate)"})
     a("--neural_root", default=None, help="neural data: an nnvision folder (neuronal_data/ + images/) or "
       "cadena_ploscb_data.pkl (tasks mtl/neural)")
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                             ("gamma_readout", float, "readout L1 strength (paper 0.5)"),
                             ("workers", int, "image DataLoader workers (paper 8; embedded 0)")):
         o.add_argument(f"--{name}", type=typ, default=None, help=text)
+    o.add_argument("--readout_lr", type=float, default=None, help="learning rate of the neural readouts (default "
+                   "--lr: the original trains every parameter at one lr; embedded 3e-2, so the readout positions can move "
+                   "within a few dozen steps)")
     o.add_argument("--neural_loss", choices=losses.NEURAL_LOSSES, default=None, help="mse (the co-training recipe) or "
                    "poisson (the single-task V1 model; with --loss_weighting on it becomes a negative binomial)")
     o.add_argument("--loss_weighting", choices=("on", "off"), default=None, help="learned likelihood weighting (mtl on)")
@@ -145,6 +150,8 @@ def parse_args(argv=None):
     layers = [("paper", PRESETS[args.preset])] + ([("embedded", EMBEDDED)] if args.embedded else [])
     settings.resolve(args, DEFAULTS, *layers)
     settings.check_positive(args, "epochs", "batch_size", "log_every", "neural_batch_size", "es_patience", "es_rounds")
+    if args.readout_lr is not None and not args.readout_lr > 0:
+        raise UserError(f"--readout_lr must be > 0, got {args.readout_lr}")
     args.ratio_schedule = {k: str(v) for k, v in data.parse_ratio(args.ratio).items()}
     unknown = sorted(set(args.corruptions or ()) - set(datasets.CORRUPTIONS)) + [s for s in args.severities if not 1 <= s <= 5]
     if unknown:
@@ -175,7 +182,8 @@ def tiny_root(args) -> Path:
 def neural_sets(args) -> dict:
     root = args.neural_root
     if root is None:
-        root = synthetic.ensure_synthetic(args.cache_root, "monkey_v1_sim",
+        root = synthetic.ensure_synthetic(args.cache_root, "monkey_v1_sim_{n_sessions}x{n_neurons}_{n_train}_{n_test}_r{mean_rate:g}"
+                                          .format(**EMBEDDED_NEURAL),
                                           lambda p: data.simulated_sessions(p, seed=0, **EMBEDDED_NEURAL))
     return data.read_neural(root, args.neural_crop, args.neural_subsample, args.neural_scale, args.split_seed)
 
@@ -299,7 +307,11 @@ def model_from_checkpoint(path, args):
 
 
 def make_optimizer(model, weighting, args):
-    groups = [{"params": list(model.parameters()), "weight_decay": args.weight_decay}]
+    readout = list(model.readouts.parameters()) if hasattr(model, "readouts") else []
+    ids = {id(q) for q in readout}
+    groups = [{"params": [q for q in model.parameters() if id(q) not in ids], "weight_decay": args.weight_decay}]
+    if readout:  # one lr for every parameter in the original; --readout_lr lets the readout positions move faster
+        groups.append({"params": readout, "weight_decay": args.weight_decay, "lr": args.readout_lr or args.lr})
     if weighting is not None:  # the learned s: no weight decay unless --decay_loss_weights (slug loss-weight-decay)
         groups.append({"params": list(weighting.parameters()),
                        "weight_decay": args.weight_decay if args.decay_loss_weights else 0.0})

@@ -1,5 +1,6 @@
-"""mtl_cotraining/main.py end to end: every mode as a subprocess on the embedded synthetic data (tiny schedules),
-resume, the mCE of a model against itself, the co-training targets read back, and bad input → exit 2."""
+"""mtl_cotraining/main.py end to end: the embedded default `--task mtl --mode train` as a subprocess, with both tasks
+learning; evaluate, predict_targets, the neural task and benchmark as subprocesses on its outputs or tiny schedules;
+exact resume; the mCE against a known baseline; the co-training targets read back; and bad input → exit 2."""
 import json
 import os
 import pickle
@@ -35,12 +36,13 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(cache, tmp_path_factory):
+    """The embedded default, exactly as a user runs it (only the folders are redirected)."""
     out = tmp_path_factory.mktemp("mtl_train") / "run"
-    p = run(["--task", "mtl", "--mode", "train", "--cache_root", cache, "--output_root", out, *SMALL])
+    p = run(["--task", "mtl", "--mode", "train", "--cache_root", cache, "--output_root", out, "--device", "cpu"])
     return out, p
 
 
-def test_train_writes_run_folder(trained):
+def test_embedded_default_learns_both_tasks(trained):
     out, p = trained
     assert "writing embedded synthetic data" in p.stdout and "settings:" in p.stdout
     for f in ("args.json", "metrics.csv", "metrics.jsonl", "last.pt", "best.pt", "results.json",
@@ -48,21 +50,35 @@ def test_train_writes_run_folder(trained):
         assert (out / f).is_file(), f
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "mtl" and res["params_shared_core"] == 556_608 and res["n_classes"] == 5
-    assert 0 <= res["test_acc"] <= 1 and -1 <= res["neural_test"]["corr"] <= 1 and "feve" in res["neural_test"]
+    # the issue's bar: accuracy above chance and neural correlation above 0.2, on the held-out test sets
+    # (measured: test accuracy 0.40 vs chance 0.20, test correlation 0.33-0.36 for seeds 0-2)
+    assert res["test_acc"] >= res["chance_acc"] + 0.1, res
+    assert res["neural_test"]["corr"] > 0.2, res["neural_test"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 46  # 180 train images / batch 8, per epoch
     ck = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert set(ck["loss_weighting"]) == {"s.img_classification", "s.v1"}  # the learned weights are checkpointed
-    assert ck["model_meta"]["sessions"] == {"sim1": 24, "sim2": 24} and ck["epoch"] == 2
+    assert ck["model_meta"]["sessions"] == {"sim1": 24, "sim2": 24}
     args = json.loads((out / "args.json").read_text())
     assert args["settings_source"]["lr"] == "embedded" and args["settings_source"]["momentum"] == "paper"
 
 
-def test_resume_and_refuse_overwrite(trained, cache, cli):
-    out, _ = trained
-    p = cli(mtl_main.main, ["--mode", "train", "--cache_root", cache, "--output_root", out, *SMALL])
+def test_resume_is_exact_and_overwrite_refused(cache, tmp_path, cli):
+    """1 epoch, then --resume to 2, gives the weights and learned loss weights of a straight 2-epoch run
+    (in-process, tiny schedule; the neural task with the weighting on, whose checkpoints are 40× smaller than
+    MTL's — the resume code is the same for every task)."""
+    small = ["--task", "neural", "--loss_weighting", "on", "--cache_root", cache, *SMALL]
+    assert cli(mtl_main.main, ["--output_root", tmp_path / "straight", *small, "--epochs", 2]).returncode == 0
+    assert cli(mtl_main.main, ["--output_root", tmp_path / "cut", *small]).returncode == 0
+    p = cli(mtl_main.main, ["--output_root", tmp_path / "cut", *small])
     assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
-    run(["--mode", "train", "--cache_root", cache, "--output_root", out, *SMALL, "--epochs", 2, "--resume"])
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["step"] == 4
+    assert cli(mtl_main.main, ["--output_root", tmp_path / "cut", *small, "--epochs", 2, "--resume"]).returncode == 0
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["step"] == 2
+    a, b = (torch.load(tmp_path / d / "last.pt", map_location="cpu", weights_only=True) for d in ("straight", "cut"))
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert all(torch.equal(v, b["loss_weighting"][k]) for k, v in a["loss_weighting"].items())
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +149,8 @@ def test_bad_input_exits_2(tmp_path, cache, cli):
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
     p = cli(mtl_main.main, ["--mode", "train", "--ratio", "abc", "--output_root", tmp_path / "o"])
     assert p.returncode == 2 and "--ratio" in p.stderr
+    p = cli(mtl_main.main, ["--mode", "train", "--readout_lr", 0, "--output_root", tmp_path / "o"])
+    assert p.returncode == 2 and "--readout_lr" in p.stderr
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     p = cli(mtl_main.main, ["--mode", "evaluate", "--checkpoint", junk, "--cache_root", cache, "--output_root", tmp_path / "e"])

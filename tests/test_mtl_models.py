@@ -144,17 +144,23 @@ def test_accumulated_step_equals_step_on_summed_loss():
     assert torch.allclose(wa.s["v1"], wb.s["v1"])
 
 
-def test_readout_recovers_planted_population():
-    """A teacher (random core + planted Gaussian readout) produces Poisson responses; a fresh readout trained with
-    the Poisson loss on the same core reaches the teacher's noise ceiling on held-out images."""
+def test_neural_model_recovers_planted_population():
+    """Planted ground truth. A teacher neural-only model (random core; a planted readout in which every neuron reads
+    8 of the 256 core channels at a known position) gives Poisson responses to 1/f images. A fresh neural-only model
+    with the same core, frozen, and its readout trained with the single-task V1 recipe's loss — summed Poisson ×
+    √(N_train/B) + 0.5·L1 (preset v1) — reaches the noise ceiling on held-out images (its correlation with the
+    responses is > 0.85 × that of the true rates; 0.91 measured) and finds the planted positions."""
     torch.manual_seed(0)
-    teacher = MTLVGG(0, {"s": 12}, task="neural").eval()
-    # natural-like (1/f) images: spatially correlated feature maps let the readout positions find the planted ones
-    x = (synthetic.natural_images(700, 32, 1, seed=3) - 0.5) / 0.25
+    n_neurons, n_train, n_test = 12, 1000, 200
+    teacher = MTLVGG(0, {"s": n_neurons}, task="neural").eval()
+    x = (synthetic.natural_images(n_train + n_test, 32, 1, seed=3) - 0.5) / 0.25
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         ro = teacher.readouts["s"]
         ro.mu.uniform_(-0.5, 0.5)
-        ro.features.normal_(0, 1)
+        ro.features.zero_()
+        for n in range(n_neurons):
+            ro.features[torch.randperm(256, generator=g)[:8], n] = torch.randn(8, generator=g)
         ro.bias.zero_()
         feats = teacher.shared(x)  # the core is frozen here: cache its feature maps
         y0 = ro(feats, sample=False)  # planted drive, standardised per neuron to N(2, 1.5²)
@@ -163,22 +169,27 @@ def test_readout_recovers_planted_population():
         ro.bias.copy_(2.0 - 1.5 * m / sd)
         rates = torch.nn.functional.elu(ro(feats, sample=False) - 1) + 1
     y = torch.poisson(rates, generator=torch.Generator().manual_seed(1))
-    tr, te = slice(0, 600), slice(600, 700)
-    student = Gaussian2dReadout(256, 12)
-    student.init_bias(y[tr].mean(0))
-    opt = torch.optim.Adam(student.parameters(), lr=0.02)
-    g = torch.Generator().manual_seed(2)
-    for epoch in range(40):
-        student.train()
-        for idx in torch.randperm(600, generator=g).split(50):
+    tr, te = slice(0, n_train), slice(n_train, n_train + n_test)
+    student = MTLVGG(0, {"s": n_neurons}, task="neural")
+    student.core.load_state_dict(teacher.core.state_dict())
+    st = student.readouts["s"]
+    st.init_bias(y[tr].mean(0))
+    opt = torch.optim.Adam(st.parameters(), lr=0.02)
+    batch = 64
+    for epoch in range(60):
+        st.train()
+        for idx in torch.randperm(n_train, generator=g).split(batch):
             opt.zero_grad()
-            pred = torch.nn.functional.elu(student(feats[idx]) - 1) + 1
-            losses.poisson_loss(pred, y[idx]).backward()
+            pred = torch.nn.functional.elu(st(feats[idx]) - 1) + 1  # = student(x[idx], task="neural", session="s")
+            loss = losses.neural_loss(pred, y[idx], "poisson", None, scale=math.sqrt(n_train / len(idx)))[0]
+            (loss + losses.readout_penalty(st, 0.5, True, y[idx].numel())).backward()
             opt.step()
     student.eval()
     with torch.no_grad():
-        pred = torch.nn.functional.elu(student(feats[te]) - 1) + 1
+        pred = student(x[te], task="neural", session="s")
     r = metrics.corr(pred, y[te]).mean()
     ceiling = metrics.corr(rates[te], y[te]).mean()  # the true rates' correlation with the noisy responses
-    assert ceiling > 0.4
-    assert r > 0.75 * ceiling, (r, ceiling)  # a readout at random positions scores ≈ 0.15 here
+    assert ceiling > 0.5
+    assert r > 0.85 * ceiling, (r, ceiling)  # measured 0.617 vs 0.679 (0.91); random positions score ≈ 0.15
+    err = (st.mu - ro.mu).abs().max(1).values
+    assert err.median() < 0.15, err  # half the spacing of the 8×8 map (2/7); measured 0.07
