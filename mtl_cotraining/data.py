@@ -470,3 +470,19 @@ class LongCycler:
         for i in range(self.n):
             key = self.keys[i % len(self.keys)]
             yield "neural", key, self.neural[key].next(), (i + 1) % len(self.keys) == 0
+
+
+class Limited:
+    """The first n batches of a loader (--limit_train_batches), with a len() the cycler can plan with."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, min(n, len(loader))
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        for i, b in enumerate(self.loader):
+            if i >= self.n:
+                break
+            yield b

@@ -61,12 +61,13 @@ PRESETS = {
                neural_loss="poisson", loss_weighting="off", scale_loss="on"),
 }
 TASK_PRESET = {"mtl": "mtl", "image": "baseline", "neural": "v1"}
-# Embedded: VGG-19-BN at 64 px trains at ~6 img/s on 2 CPU cores (plus ~6 img/s of neural batches), so a few hundred
-# images, batch 8 (twice the optimizer steps of batch 16 at the same cost) and Adam: the recipe's SGD 0.1 needs far
-# more steps than a 3-minute budget allows. The readouts get a larger lr (--readout_lr): their positions must travel
-# a fair part of the map, which at 5e-4 per Adam step takes thousands of steps, not the 46 of this run.
-EMBEDDED = dict(epochs=2, batch_size=8, neural_batch_size=16, lr=5e-4, readout_lr=3e-2, optimizer="adam", log_every=8,
-                workers=0, lr_patience=5, es_patience=3, es_rounds=1)
+# Embedded: VGG-19-BN at 64 px trains at ~6 img/s on 2 CPU cores, so a few hundred images, batch 8 (twice the
+# optimizer steps of batch 16 at the same cost) and Adam: the recipe's SGD 0.1 needs far more steps than a 3-minute
+# budget allows. Ratio 2 gives each of the 2 sessions one neural batch per step (ratio 1 alternates them). The
+# readouts get a larger lr (--readout_lr): their positions must travel a fair part of the map, which at 5e-4 per
+# Adam step takes thousands of steps, not the 46 of this run.
+EMBEDDED = dict(epochs=2, batch_size=8, neural_batch_size=16, ratio="2", lr=5e-4, readout_lr=3e-2, optimizer="adam",
+                log_every=8, workers=0, lr_patience=5, es_patience=3, es_rounds=1)
 EMBEDDED_TINY = dict(n_classes=5, n_train_per_class=40, n_val_per_class=10)
 EMBEDDED_NEURAL = dict(n_sessions=2, n_neurons=24, n_train=480, n_test=100, test_repeats=4, mean_rate=10.0)
 
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--loss_weighting", choices=("on", "off"), default=None, help="learned likelihood weighting (mtl on)")
     o.add_argument("--scale_loss", choices=("on", "off"), default=None, help="Poisson loss × √(N_train/B) (v1 on)")
     o.add_argument("--ratio", default=None, help="neural batches per image batch: 1, 2, 0.5, or a schedule by "
-                   "epoch '1:1,3:2' (paper 1)")
+                   "epoch '1:1,3:2' (paper 1; embedded 2)")
     o.add_argument("--omit_readout_l1", action="store_true", help="leave out the readout L1 penalty, as the original "
                    "silently does without scale_loss (slug readout-l1-omitted)")
     o.add_argument("--decay_loss_weights", action="store_true", help="apply weight decay to the learned loss weights, "
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pixel-noise stds of the robustness curve")
     s.add_argument("--limit_train_batches", type=int, default=None, help="at most N image batches per epoch "
                    "(neural task: cycler items)")
-    s.add_argument("--limit_eval_batches", type=int, default=None, help="at most N batches per evaluated image set")
+    s.add_argument("--limit_eval_batches", type=int, default=None, help="at most N batches per evaluated set (each image set; each session's neural set)")
     s.add_argument("--limit_images", type=int, default=None, help="predict_targets: at most N train and N val images")
     s.add_argument("--bench_batch_size", type=int, default=None, help="benchmark batch (default 128 CUDA, 16 CPU)")
     s.add_argument("--bench_iters", type=int, default=None, help="benchmark timed steps (default 20 CUDA, 3 CPU)")
@@ -225,28 +226,31 @@ def accuracy(model, ds, args, device, limit=None) -> float:
 
 
 @torch.no_grad()
-def neural_predictions(model, ds, key, device, amp) -> torch.Tensor:
+def neural_predictions(model, images, key, device, args) -> torch.Tensor:
     model.eval()
     out = []
-    for b in range(0, ds.n_images, 256):
-        x = to_device(data.to_input(ds.images[b:b + 256]), device)
-        with runtime.autocast(device, amp):
+    for b in range(0, len(images), args.neural_batch_size):
+        x = to_device(data.to_input(images[b:b + args.neural_batch_size]), device)
+        with runtime.autocast(device, args.amp):
             out.append(model(x, task="neural", session=key).float().cpu())
     return torch.cat(out)
 
 
-def neural_scores(model, sets: dict, split: str, device, amp) -> dict:
+def neural_scores(model, sets: dict, split: str, device, args) -> dict:
     """Per-neuron Pearson correlation over images (masked where a neuron lacks data), mean over all neurons of all
-    sessions; FEVe where the split has repeats (common.metrics conventions)."""
+    sessions; FEVe where the split has repeats (common.metrics conventions). Batches of --neural_batch_size; with
+    --limit_eval_batches only the first that many batches of each session."""
     rs, fe, per = [], [], {}
     for key, s in sets.items():
         ds = s[split]
-        pred = neural_predictions(model, ds, key, device, amp)
-        r = metrics.masked_corr(pred, ds.responses, ds.mask)
+        n = ds.n_images if args.limit_eval_batches is None else min(ds.n_images,
+                                                                     args.limit_eval_batches * args.neural_batch_size)
+        pred = neural_predictions(model, ds.images[:n], key, device, args)
+        r = metrics.masked_corr(pred, ds.responses[:n], None if ds.mask is None else ds.mask[:n])
         rs.append(r)
         per[key] = {"corr": float(np.mean(r))}
         if ds.repeats is not None:
-            f = metrics.feve(ds.repeats, pred)
+            f = metrics.feve(ds.repeats[:, :n], pred)
             fe.append(f)
             per[key]["feve"] = float(np.nanmean(f)) if np.isfinite(f).any() else None
     allr = np.concatenate(rs)
@@ -377,7 +381,7 @@ def train(args, device):
         if img:
             loader = image_loader(img[0], args, device, True, epoch)
             if args.limit_train_batches:
-                loader = _Limited(loader, args.limit_train_batches)
+                loader = data.Limited(loader, args.limit_train_batches)
             ratio = data.ratio_for_epoch(data.parse_ratio(args.ratio), epoch)
             cycler = data.MTLCycler(loader, neural_train, ratio if nsets else 0, epoch, args.original_fraction_ratio)
         else:
@@ -424,7 +428,7 @@ def train(args, device):
                        valid_acc=accuracy(raw, img[1], args, device, args.limit_eval_batches))
         if nsets:
             row.update(train_neural_loss=sums["neural"] / max(sums["n_neural"], 1),
-                       valid_corr=neural_scores(raw, nsets, "validation", device, args.amp)["corr"])
+                       valid_corr=neural_scores(raw, nsets, "validation", device, args)["corr"])
         if weighting is not None:
             row.update({f"weight_{t}": w for t, w in weighting.weights().items()})
         score = row[monitor]
@@ -461,8 +465,8 @@ def train(args, device):
                        valid_acc=accuracy(raw, img[1], args, device, args.limit_eval_batches),
                        test_acc=accuracy(raw, img[2], args, device, args.limit_eval_batches))
     if nsets:
-        results["neural_validation"] = neural_scores(raw, nsets, "validation", device, args.amp)
-        results["neural_test"] = neural_scores(raw, nsets, "test", device, args.amp)
+        results["neural_validation"] = neural_scores(raw, nsets, "validation", device, args)
+        results["neural_test"] = neural_scores(raw, nsets, "test", device, args)
     if weighting is not None:
         results["loss_weights"] = weighting.weights()
     results["wall_time_s"] = time.perf_counter() - t_start
@@ -473,22 +477,6 @@ def train(args, device):
         summary.update(test_corr=results["neural_test"]["corr"], test_feve=results["neural_test"].get("feve"))
     print(json.dumps(summary), flush=True)
     return results
-
-
-class _Limited:
-    """The first n batches of a loader (--limit_train_batches), with a len() the cycler can plan with."""
-
-    def __init__(self, loader, n):
-        self.loader, self.n = loader, min(n, len(loader))
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        for i, b in enumerate(self.loader):
-            if i >= self.n:
-                break
-            yield b
 
 
 def training_figures(rd, n_classes):
@@ -575,7 +563,7 @@ def evaluate(args, device):
                     raise UserError(f"--baseline_results {args.baseline_results}: {e}") from None
             evaluation_figures(rd, res, baseline)
     if task in ("mtl", "neural") and (args.neural_root is not None or args.embedded):
-        res["neural_test"] = neural_scores(model, neural_sets(args), "test", device, args.amp)
+        res["neural_test"] = neural_scores(model, neural_sets(args), "test", device, args)
     res["wall_time_s"] = time.perf_counter() - t0
     rd.write_results(res)
     print(json.dumps({k: res.get(k) for k in ("clean_acc", "mean_corrupted_acc", "mce", "relative_mce")}
@@ -705,13 +693,8 @@ def main(argv=None):
     runtime.set_threads(args.threads)
     device = runtime.choose_device(args.device)
     runtime.setup_cuda_speed(device)
-    if args.mode == "benchmark":
-        return benchmark(args, device)
-    if args.mode == "train":
-        return train(args, device)
-    if args.mode == "evaluate":
-        return evaluate(args, device)
-    return predict_targets(args, device)
+    return {"train": train, "evaluate": evaluate, "predict_targets": predict_targets,
+            "benchmark": benchmark}[args.mode](args, device)
 
 
 if __name__ == "__main__":

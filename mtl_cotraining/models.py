@@ -18,11 +18,25 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models import vgg19_bn
+from torchvision.models.vgg import cfgs, make_layers
 
 SHARED_LAYERS = 17  # features[0:17] ends with the ReLU after conv3_1 (`v1_model_layer` 17 in the original)
 TASKS = ("mtl", "image", "neural")
 HEADS = ("conv", "dense")
+
+
+def vgg19_bn_features() -> nn.Sequential:
+    """torchvision's `vgg19_bn(weights=None).features`, with the same init draws (Kaiming fan_out convs, zero bias,
+    unit BN), without building the 123M-parameter ImageNet classifier that this model replaces."""
+    features = make_layers(cfgs["E"], batch_norm=True)
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return features
 
 
 class Gaussian2dReadout(nn.Module):
@@ -128,7 +142,7 @@ class MTLVGG(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.task, self.head_type, self.elu_offset = task, head, elu_offset
         self.n_classes = n_classes
-        features = vgg19_bn(weights=None).features  # random init, as the recipe (pretrained False)
+        features = vgg19_bn_features()  # random init, as the recipe (pretrained False)
         self.core = features[:SHARED_LAYERS]
         if task in ("mtl", "image"):
             self.unshared = features[SHARED_LAYERS:]

@@ -50,12 +50,14 @@ def test_embedded_default_learns_both_tasks(trained):
         assert (out / f).is_file(), f
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "mtl" and res["params_shared_core"] == 556_608 and res["n_classes"] == 5
-    # the issue's bar: accuracy above chance and neural correlation above 0.2, on the held-out test sets
-    # (measured: test accuracy 0.40 vs chance 0.20, test correlation 0.33-0.36 for seeds 0-2)
-    assert res["test_acc"] >= res["chance_acc"] + 0.1, res
-    assert res["neural_test"]["corr"] > 0.2, res["neural_test"]
+    # both tasks learn: the classifier's training loss falls and its held-out accuracy is above chance (5 classes,
+    # 50 test images: chance 0.20 ± 0.057); the neural readouts' held-out correlation is above 0.2.
+    # Measured (seed 0, 2 threads): train CE 2.30 → 1.55, test accuracy 0.34, test correlation 0.485.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 46  # 180 train images / batch 8, per epoch
+    assert rows[1]["train_ce"] < rows[0]["train_ce"], rows
+    assert res["test_acc"] > res["chance_acc"] + 0.05, res
+    assert res["neural_test"]["corr"] > 0.2, res["neural_test"]
     ck = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert set(ck["loss_weighting"]) == {"s.img_classification", "s.v1"}  # the learned weights are checkpointed
     assert ck["model_meta"]["sessions"] == {"sim1": 24, "sim2": 24}
@@ -64,9 +66,10 @@ def test_embedded_default_learns_both_tasks(trained):
 
 
 def test_resume_is_exact_and_overwrite_refused(cache, tmp_path, cli):
-    """1 epoch, then --resume to 2, gives the weights and learned loss weights of a straight 2-epoch run
-    (in-process, tiny schedule; the neural task with the weighting on, whose checkpoints are 40× smaller than
-    MTL's — the resume code is the same for every task)."""
+    """The single-task V1 model (--task neural: preset v1, monitor validation correlation, no classifier), in-process
+    on a tiny schedule with the learned weighting on (so the NB loss and its s are checkpointed): 1 epoch, then
+    --resume to 2, gives the weights of a straight 2-epoch run. Its checkpoints are 40× smaller than MTL's; the
+    resume code is the same for every task."""
     small = ["--task", "neural", "--loss_weighting", "on", "--cache_root", cache, *SMALL]
     assert cli(mtl_main.main, ["--output_root", tmp_path / "straight", *small, "--epochs", 2]).returncode == 0
     assert cli(mtl_main.main, ["--output_root", tmp_path / "cut", *small]).returncode == 0
@@ -79,6 +82,11 @@ def test_resume_is_exact_and_overwrite_refused(cache, tmp_path, cli):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert all(torch.equal(v, b["loss_weighting"][k]) for k, v in a["loss_weighting"].items())
+    res = json.loads((tmp_path / "straight" / "results.json").read_text())
+    args = json.loads((tmp_path / "straight" / "args.json").read_text())
+    assert res["monitor"] == "valid_corr" and "test_acc" not in res and "corr" in res["neural_test"]
+    assert args["neural_loss"] == "poisson" and args["scale_loss"] == "on" and args["preset"] == "v1"
+    assert set(a["loss_weighting"]) == {"s.v1"} and args["settings_source"]["loss_weighting"] == "flag"
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +131,6 @@ def test_predict_targets_read_back(trained, cache, tmp_path):
     with torch.no_grad():
         pred = model(data.to_input(s["test"].images), task="neural", session="sim1")
     assert torch.allclose(pred, s["test"].responses, rtol=1e-4, atol=1e-5)  # the targets are the predictions
-
-
-def test_neural_task_trains(cache, tmp_path):
-    run(["--task", "neural", "--mode", "train", "--cache_root", cache, "--output_root", tmp_path / "n", *SMALL])
-    res = json.loads((tmp_path / "n" / "results.json").read_text())
-    args = json.loads((tmp_path / "n" / "args.json").read_text())
-    assert res["monitor"] == "valid_corr" and "test_acc" not in res and "corr" in res["neural_test"]
-    assert args["neural_loss"] == "poisson" and args["scale_loss"] == "on" and args["loss_weighting"] == "off"
 
 
 def test_benchmark_json_line():

@@ -38,6 +38,26 @@ def test_shapes_and_parameter_counts(mtl):
     assert count_parameters(mtl.unshared) == unshared == 19_478_784
 
 
+def test_features_are_torchvision_vgg19_bn_with_its_init():
+    """The core + unshared layers have the layout of torchvision's vgg19_bn features and its init rules (Kaiming
+    fan_out convs, zero bias, unit BN); the ImageNet classifier torchvision would also build is skipped."""
+    from torchvision.models import vgg19_bn
+
+    from mtl_cotraining.models import vgg19_bn_features
+    ref = vgg19_bn(weights=None).features.state_dict()
+    torch.manual_seed(3)
+    ours = vgg19_bn_features()
+    sd = ours.state_dict()
+    assert list(sd) == list(ref) and all(sd[k].shape == ref[k].shape for k in ref)
+    for m in ours.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+            assert m.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
+            assert not m.bias.any()
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            assert (m.weight == 1).all() and not m.bias.any()
+
+
 def test_single_task_models(mtl):
     neu = MTLVGG(0, SESSIONS, task="neural")
     assert not hasattr(neu, "classifier") and not hasattr(neu, "unshared")
@@ -149,7 +169,7 @@ def test_neural_model_recovers_planted_population():
     8 of the 256 core channels at a known position) gives Poisson responses to 1/f images. A fresh neural-only model
     with the same core, frozen, and its readout trained with the single-task V1 recipe's loss — summed Poisson ×
     √(N_train/B) + 0.5·L1 (preset v1) — reaches the noise ceiling on held-out images (its correlation with the
-    responses is > 0.85 × that of the true rates; 0.91 measured) and finds the planted positions."""
+    responses is > 0.85 × that of the true rates; 0.89 measured) and finds the planted positions."""
     torch.manual_seed(0)
     n_neurons, n_train, n_test = 12, 1000, 200
     teacher = MTLVGG(0, {"s": n_neurons}, task="neural").eval()
@@ -190,6 +210,6 @@ def test_neural_model_recovers_planted_population():
     r = metrics.corr(pred, y[te]).mean()
     ceiling = metrics.corr(rates[te], y[te]).mean()  # the true rates' correlation with the noisy responses
     assert ceiling > 0.5
-    assert r > 0.85 * ceiling, (r, ceiling)  # measured 0.617 vs 0.679 (0.91); random positions score ≈ 0.15
+    assert r > 0.85 * ceiling, (r, ceiling)  # measured 0.584 vs 0.659 (0.89); random positions score ≈ 0.15
     err = (st.mu - ro.mu).abs().max(1).values
-    assert err.median() < 0.15, err  # half the spacing of the 8×8 map (2/7); measured 0.07
+    assert err.median() < 0.15, err  # half the spacing of the 8×8 map (2/7); measured 0.09

@@ -1,6 +1,9 @@
 """v1_constrained/main.py: the training loop, checkpoints, resume, finetune, validate, eval_c, benchmark,
-torchrun and bad input — mostly end-to-end subprocess runs on a tiny synthetic Tiny-ImageNet tree."""
+torchrun and bad input. Every mode runs as a subprocess (the embedded default, benchmark, v1_props, torchrun, one
+train on a tiny synthetic Tiny-ImageNet tree); the other runs on that tree are in-process."""
+import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
@@ -30,6 +33,15 @@ def run(args, check=True, timeout=300):
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
+
+
+def inproc(args) -> str:
+    """v1main.main in this process, its stdout returned: the small-tree runs below reach every mode's code without an
+    interpreter start each (the embedded-default test runs train / finetune / validate / eval_c as subprocesses)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        v1main.main([str(a) for a in args])
+    return buf.getvalue()
 
 
 def state(path):
@@ -70,8 +82,8 @@ def finetuned(tree, tmp_path_factory):
     ck = tmp / "imagenet.pt"
     checkpoint.save_checkpoint(ck, {"model": src.state_dict(), "args": {"model_type": "resnet50_cortical_magnification"}})
     out = tmp / "ft"
-    run(["--mode", "finetune", "--model_type", "resnet50_cortical_magnification", "--model_path", ck,
-         "--output_root", out, "--epochs", 1, *fast(tree)])
+    inproc(["--mode", "finetune", "--model_type", "resnet50_cortical_magnification", "--model_path", ck,
+            "--output_root", out, "--epochs", 1, *fast(tree)])
     return ck, out
 
 
@@ -150,9 +162,9 @@ def test_resume_equals_uninterrupted(trained, tree, tmp_path):
     full, _ = trained
     out = tmp_path / "resumed"
     common = ["--mode", "train", "--model_type", "resnet50_composite_a", "--output_root", out, "--save_freq", 2, *fast(tree)]
-    run([*common, "--num_epochs", 2])                     # "interrupted" after epoch 1
-    p = run([*common, "--num_epochs", 3, "--resume"])     # continues at epoch 2 with optimizer/scheduler state
-    assert "resuming" in p.stdout
+    inproc([*common, "--num_epochs", 2])                          # "interrupted" after epoch 1
+    stdout = inproc([*common, "--num_epochs", 3, "--resume"])     # continues at epoch 2 with optimizer/scheduler state
+    assert "resuming" in stdout
     a, b = state(full / "last.pt"), state(out / "last.pt")
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
@@ -205,21 +217,21 @@ def test_finetune_bn_drift_flag(finetuned, tree, tmp_path):
 def test_validate_loads_finetuned_checkpoint(finetuned, tree, tmp_path):
     _, ft = finetuned
     out = tmp_path / "val"
-    p = run(["--mode", "validate", "--model_type", "resnet50_cortical_magnification", "--model_path",
-             ft / "best_model_acc.pt", "--output_root", out, *fast(tree)])
+    stdout = inproc(["--mode", "validate", "--model_type", "resnet50_cortical_magnification", "--model_path",
+                     ft / "best_model_acc.pt", "--output_root", out, *fast(tree)])
     res = json.loads((out / "results.json").read_text())
     assert res["n_valid"] == N_VAL
     assert res["valid_acc"] == pytest.approx(state(ft / "best_model_acc.pt")["valid_acc"])
-    assert "top-1" in p.stdout
+    assert "top-1" in stdout
 
 
 def test_eval_c_writes_release_csv_and_aggregates(finetuned, tree, tmp_path):
     _, ft = finetuned
     c_root = synthetic.write_tiny_imagenet_c(tmp_path / "c", tree, corruptions=("fog", "brightness"), max_per_class=1)
     out = tmp_path / "evalc"
-    run(["--mode", "eval_c", "--model_type", "resnet50_cortical_magnification", "--model_path",
-         ft / "best_model_acc.pt", "--c_root", c_root, "--output_root", out, "--corruptions", "fog", "brightness",
-         *fast(tree)])
+    inproc(["--mode", "eval_c", "--model_type", "resnet50_cortical_magnification", "--model_path",
+            ft / "best_model_acc.pt", "--c_root", c_root, "--output_root", out, "--corruptions", "fog", "brightness",
+            *fast(tree)])
     rows = list(csv.reader(open(out / "tinyimagenetc_results.csv")))
     assert rows[0] == ["corruption_type", "difficulty", "valid_acc"]
     # the documented unit order: common.synthetic.CORRUPTIONS (fog before brightness), severity fastest
