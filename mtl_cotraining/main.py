@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "pixel-noise stds of the robustness curve")
     s.add_argument("--limit_train_batches", type=int, default=None, help="at most N image batches per epoch "
                    "(neural task: cycler items)")
-    s.add_argument("--limit_eval_batches", type=int, default=None, help="at most N batches per evaluated set (each image set; each session's neural set)")
+    s.add_argument("--limit_eval_batches", type=int, default=None, help="at most N batches per evaluated set (each "
+                   "image set; each session's neural set)")
     s.add_argument("--limit_images", type=int, default=None, help="predict_targets: at most N train and N val images")
     s.add_argument("--bench_batch_size", type=int, default=None, help="benchmark batch (default 128 CUDA, 16 CPU)")
     s.add_argument("--bench_iters", type=int, default=None, help="benchmark timed steps (default 20 CUDA, 3 CPU)")

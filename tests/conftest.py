@@ -10,6 +10,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the suite is a CPU suite, even on a GPU machine
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """An in-process CLI run with --threads N calls torch.set_num_threads(N) for the whole pytest process; restore
+    the count after every test, so later tests neither slow down nor change their numerics."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
