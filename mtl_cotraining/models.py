@@ -26,8 +26,9 @@ HEADS = ("conv", "dense")
 
 
 def vgg19_bn_features() -> nn.Sequential:
-    """torchvision's `vgg19_bn(weights=None).features`, with the same init draws (Kaiming fan_out convs, zero bias,
-    unit BN), without building the 123M-parameter ImageNet classifier that this model replaces."""
+    """The layers of torchvision's `vgg19_bn(weights=None).features` with its init rules (Kaiming fan_out convs, zero
+    bias, unit BN), without building the 123M-parameter ImageNet classifier that this model replaces. The draws for
+    a given seed differ from torchvision's, whose classifier constructors consume the RNG first."""
     features = make_layers(cfgs["E"], batch_norm=True)
     for m in features.modules():
         if isinstance(m, nn.Conv2d):

@@ -210,6 +210,6 @@ def test_neural_model_recovers_planted_population():
     r = metrics.corr(pred, y[te]).mean()
     ceiling = metrics.corr(rates[te], y[te]).mean()  # the true rates' correlation with the noisy responses
     assert ceiling > 0.5
-    assert r > 0.85 * ceiling, (r, ceiling)  # measured 0.584 vs 0.659 (0.89); random positions score ≈ 0.15
+    assert r > 0.85 * ceiling, (r, ceiling)  # measured 0.584 vs 0.659 (0.89)
     err = (st.mu - ro.mu).abs().max(1).values
     assert err.median() < 0.15, err  # half the spacing of the 8×8 map (2/7); measured 0.09
